@@ -1,0 +1,1 @@
+"""The ``simclr-path`` command line: thin click commands over :mod:`simclr_path`."""

@@ -1,0 +1,63 @@
+"""Entry point: the ``simclr-path`` click group and its error handling.
+
+Exit codes: 0 success; 1 a problem with the input or a slide/run failure (one line on stderr);
+2 invalid usage (click's own); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from simclr_path import __version__
+from simclr_path.errors import SimclrPathError
+
+
+class _Group(click.Group):
+    """Prints :class:`SimclrPathError` as one line on stderr, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SimclrPathError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Example, slides to encoder:
+  simclr-path tile slides/ --out patches.h5 --mpp 0.5
+  simclr-path pretrain patches.h5 --out runs/exp1 --config small
+  simclr-path export runs/exp1 encoder.pt
+""",
+)
+@click.version_option(__version__, prog_name="simclr-path")
+def cli():
+    """Turn a folder of whole-slide images into a self-supervised (SimCLR) encoder.
+
+    Results go to stdout (one JSON line), progress and logs to stderr.
+    """
+
+
+def _register():
+    from cli import tile_commands
+
+    cli.add_command(tile_commands.tile)
+    cli.add_command(tile_commands.info)
+    cli.add_command(tile_commands.coords)
+    try:
+        from cli import train_commands
+    except ImportError:  # pragma: no cover - during bootstrap only
+        return
+    for command in train_commands.COMMANDS:
+        cli.add_command(command)
+
+
+_register()

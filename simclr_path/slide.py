@@ -1,0 +1,180 @@
+"""Whole-slide reading through OpenSlide: opening, resolution metadata, fingerprints, regions.
+
+Coordinates follow OpenSlide: ``(x, y)`` are level-0 pixels from the top-left corner; a region read
+at level ``L`` covers ``size * level_downsamples[L]`` level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SimclrPathError, SlideError
+
+# Extensions OpenSlide opens (vendor formats plus generic tiled TIFF and DICOM).
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+    ".dcm", ".czi",
+)
+
+#: Magnification that corresponds to 1 micron per pixel (10x ~ 1.0 um/px, 20x ~ 0.5, 40x ~ 0.25).
+MICRONS_AT_1X = 10.0
+
+
+@dataclass(frozen=True)
+class SlideMeta:
+    """What we record about a slide: identity, geometry and resolution."""
+
+    path: str
+    fingerprint: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None  # microns per level-0 pixel
+    mpp_source: str  # "metadata", "csv", "cli" or "none"
+    objective_power: float | None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+
+def fingerprint(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Content fingerprint: sha256 of the size and three 1 MiB samples (start, middle, end).
+
+    Cheap for gigapixel files yet changes when the scan changes; a renamed or moved copy of a slide
+    keeps its fingerprint, so resuming skips it.
+    """
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+            fh.seek(offset)
+            digest.update(fh.read(block))
+    return digest.hexdigest()[:32]
+
+
+def open_slide(path: str | os.PathLike):
+    """Open ``path`` with OpenSlide, turning every failure into a one-line :class:`SlideError`."""
+    import openslide
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise SlideError(f"{path}: no such file; check the path")
+    try:
+        fmt = openslide.OpenSlide.detect_format(path)
+    except Exception as exc:  # unreadable file
+        raise SlideError(f"{path}: cannot be read ({exc}); check permissions") from None
+    if fmt is None:
+        raise SlideError(
+            f"{path}: not a slide format OpenSlide reads; convert it to pyramidal TIFF or remove it"
+        )
+    try:
+        return openslide.OpenSlide(path)
+    except Exception as exc:
+        raise SlideError(
+            f"{path}: corrupt or unsupported {fmt} slide ({_one_line(exc)}); re-export or remove it"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_mpp_table(csv_path: str | os.PathLike) -> dict[str, float]:
+    """Read a ``slide,mpp`` CSV (header optional). Keys match a slide's file name or its stem."""
+    table: dict[str, float] = {}
+    try:
+        with open(csv_path, newline="") as fh:
+            for row_number, row in enumerate(csv.reader(fh), start=1):
+                if not row or not row[0].strip() or row[0].startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise SimclrPathError(
+                        f"{csv_path}:{row_number}: expected 'slide,mpp', got {','.join(row)!r}"
+                    )
+                try:
+                    mpp = float(row[1])
+                except ValueError:
+                    if row_number == 1:
+                        continue  # header
+                    raise SimclrPathError(
+                        f"{csv_path}:{row_number}: mpp {row[1]!r} is not a number"
+                    ) from None
+                if not mpp > 0:
+                    raise SimclrPathError(f"{csv_path}:{row_number}: mpp must be > 0, got {mpp}")
+                table[row[0].strip()] = mpp
+    except OSError as exc:
+        raise SimclrPathError(f"{csv_path}: cannot read the mpp CSV ({exc.strerror})") from None
+    return table
+
+
+def _float_property(props, *keys) -> float | None:
+    for key in keys:
+        value = props.get(key)
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if number > 0:
+            return number
+    return None
+
+
+def read_meta(
+    slide,
+    path: str | os.PathLike,
+    fallback_mpp: float | None = None,
+    mpp_table: dict[str, float] | None = None,
+) -> SlideMeta:
+    """Collect a slide's geometry and level-0 resolution.
+
+    Resolution precedence: a ``--mpp-csv`` entry (an explicit per-slide correction), then the
+    slide's own metadata, then ``--slide-mpp`` (a fallback for slides that carry none).
+    """
+    import openslide
+
+    path = str(path)
+    props = slide.properties
+    mpp, source = None, "none"
+    name = Path(path).name
+    if mpp_table and (name in mpp_table or Path(path).stem in mpp_table):
+        mpp, source = mpp_table.get(name, mpp_table.get(Path(path).stem)), "csv"
+    else:
+        mpp_x = _float_property(props, openslide.PROPERTY_NAME_MPP_X)
+        mpp_y = _float_property(props, openslide.PROPERTY_NAME_MPP_Y)
+        if mpp_x is not None:
+            mpp, source = (mpp_x + mpp_y) / 2 if mpp_y else mpp_x, "metadata"
+        elif fallback_mpp is not None:
+            mpp, source = fallback_mpp, "cli"
+    return SlideMeta(
+        path=path,
+        fingerprint=fingerprint(path),
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+        level_dimensions=tuple(tuple(int(v) for v in d) for d in slide.level_dimensions),
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        mpp=mpp,
+        mpp_source=source,
+        objective_power=_float_property(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+    )
+
+
+def read_rgb(slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    """``read_region`` as an HxWx3 uint8 RGB array, transparent (unscanned) pixels made white."""
+    rgba = np.asarray(slide.read_region(location, level, size))
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() < 255:
+        a = alpha[..., None].astype(np.uint16)
+        rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    else:
+        rgb = np.ascontiguousarray(rgb)
+    return rgb

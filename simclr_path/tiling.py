@@ -1,0 +1,316 @@
+"""``simclr-path tile``: slides in, one resumable HDF5 patch store out.
+
+Worker processes plan slides and cut blocks of patches; this process is the only writer. Each slide
+is staged and committed whole (see :mod:`simclr_path.store`), so an interrupted run keeps every
+finished slide and the same command resumes where it stopped, skipping slides by fingerprint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+import multiprocessing
+
+import numpy as np
+
+from .codecs import create_pixel_dataset, write_patches
+from .discover import slide_names
+from .errors import SimclrPathError, SlideError
+from .extract import SlidePlan, plan_blocks, prepare_slide, read_block
+from .grid import TileSpec
+from .progress import Reporter
+from .slide import fingerprint
+from .store import StoreWriter
+
+
+@dataclass
+class _Active:
+    """A slide being written: its staged group and how many patches are still to come."""
+
+    path: str
+    name: str
+    plan: SlidePlan
+    group: object
+    remaining: int
+    failed: str | None = None
+
+
+@dataclass
+class TileResult:
+    store: str
+    slides_total: int = 0
+    slides_tiled: int = 0
+    slides_skipped: int = 0
+    slides_empty: int = 0
+    patches: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict:
+        return {
+            "store": self.store,
+            "slides_total": self.slides_total,
+            "slides_tiled": self.slides_tiled,
+            "slides_skipped": self.slides_skipped,
+            "slides_empty": self.slides_empty,
+            "slides_failed": len(self.failures),
+            "patches": self.patches,
+            "seconds": round(self.seconds, 3),
+            "patches_per_s": round(self.patches / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "failures": self.failures,
+        }
+
+
+class _InlineExecutor:
+    """``--workers 0``: run tasks in this process (debugging, tests, tiny jobs)."""
+
+    def submit(self, fn, *args):
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # delivered through the future like a pool would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def tile_slides(
+    slides: list[str],
+    out: str,
+    spec: TileSpec,
+    *,
+    workers: int = 2,
+    fallback_mpp: float | None = None,
+    mpp_table: dict[str, float] | None = None,
+    preview_dir: str | None = None,
+    reporter: Reporter | None = None,
+) -> TileResult:
+    """Tile ``slides`` into the store at ``out`` and return a summary.
+
+    Per-slide problems (corrupt file, missing resolution) are recorded in the result and logged;
+    the other slides still finish. Problems with the store itself raise :class:`SimclrPathError`.
+    """
+    if workers < 0:
+        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    if fallback_mpp is not None and not fallback_mpp > 0:
+        raise SimclrPathError(f"--slide-mpp must be > 0, got {fallback_mpp}")
+    if preview_dir:
+        try:
+            os.makedirs(preview_dir, exist_ok=True)
+        except OSError as exc:
+            raise SimclrPathError(f"{preview_dir}: cannot create the preview folder ({exc.strerror})") from None
+    reporter = reporter or Reporter(enabled=False)
+    start = time.perf_counter()
+    result = TileResult(store=out, slides_total=len(slides))
+    writer = StoreWriter(out, spec.as_attrs())
+    try:
+        fingerprints = {p: fingerprint(p) for p in slides}
+        names = slide_names(slides, fingerprints)
+        done = writer.completed()
+        taken = writer.names()
+        todo = []
+        for path in slides:
+            if fingerprints[path] in done:
+                result.slides_skipped += 1
+                continue
+            name = names[path]
+            if name in taken:  # same stem, different content: keep both
+                name = f"{name}-{fingerprints[path][:8]}"
+            todo.append((path, name))
+        reporter.start(slides=len(slides), done=result.slides_skipped)
+        if result.slides_skipped:
+            reporter.log(f"{out}: {result.slides_skipped} slide(s) already complete, skipped")
+        _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result)
+    finally:
+        reporter.stop()
+        writer.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result):
+    if workers == 0:
+        executor = _InlineExecutor()
+    else:
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    window = max(2, 2 * max(workers, 1))  # tasks in flight: bounds memory of pending results
+    max_active = max(1, workers) + 1  # slides staged at once
+    pending = deque(todo)
+    blocks: deque = deque()  # (active slide, indices into its kept patches)
+    inflight: dict[Future, tuple] = {}
+    active: dict[str, _Active] = {}
+    try:
+        while pending or blocks or inflight:
+            while len(inflight) < window:
+                if blocks:
+                    slide, indices = blocks.popleft()
+                    if slide.failed:
+                        continue
+                    fut = executor.submit(read_block, slide.path, slide.plan.plan, slide.plan.coords[indices], spec)
+                    inflight[fut] = ("block", slide, indices)
+                elif pending and len(active) + _preparing(inflight) < max_active:
+                    path, name = pending.popleft()
+                    fut = executor.submit(prepare_slide, path, spec, fallback_mpp, mpp_table, preview_dir, name)
+                    inflight[fut] = ("prepare", path, name)
+                else:
+                    break
+            finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                task = inflight.pop(fut)
+                if task[0] == "prepare":
+                    _on_prepared(fut, task[1], task[2], writer, spec, active, blocks, reporter, result)
+                else:
+                    _on_block(fut, task[1], task[2], writer, spec, active, reporter, result)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _preparing(inflight) -> int:
+    return sum(1 for task in inflight.values() if task[0] == "prepare")
+
+
+def _fail(result, reporter, path: str, message: str) -> None:
+    result.failures.append({"slide": path, "error": message})
+    reporter.log(f"error: {message}")
+    reporter.advance_slide()
+
+
+def _on_prepared(fut, path, name, writer, spec, active, blocks, reporter, result):
+    try:
+        sp: SlidePlan = fut.result()
+    except SlideError as exc:
+        _fail(result, reporter, path, str(exc))
+        return
+    except Exception as exc:  # a crashed worker or a bug: report it against the slide
+        _fail(result, reporter, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
+        return
+    with _disk_errors(writer.path):
+        group = writer.begin(name)
+        _write_slide_header(group, sp, spec, name)
+    n = len(sp.coords)
+    if n == 0:
+        reporter.log(
+            f"warning: {path}: no tissue found ({sp.grid_total} grid patches, none with "
+            f">= {spec.min_tissue:.0%} tissue); stored with 0 patches - check --min-tissue or --preview"
+        )
+        with _disk_errors(writer.path):
+            writer.commit(name)
+        result.slides_tiled += 1
+        result.slides_empty += 1
+        reporter.advance_slide()
+        return
+    slide = _Active(path, name, sp, group, remaining=n)
+    active[name] = slide
+    reporter.add_patches(n)
+    for indices in plan_blocks(sp):
+        blocks.append((slide, indices))
+
+
+def _on_block(fut, slide: _Active, indices, writer, spec, active, reporter, result):
+    if slide.failed:
+        return
+    try:
+        encoded = fut.result()
+    except SlideError as exc:
+        message = str(exc)
+    except Exception as exc:
+        message = f"{slide.path}: unexpected error ({type(exc).__name__}: {exc})"
+    else:
+        message = None
+    if message:
+        slide.failed = message
+        writer.discard(slide.name)
+        active.pop(slide.name, None)
+        _fail(result, reporter, slide.path, message)
+        return
+    with _disk_errors(writer.path):
+        dataset = slide.group["patches"]
+        for offset, index in enumerate(indices):
+            write_patches(dataset, int(index), encoded[offset : offset + 1], spec.codec)
+    slide.remaining -= len(indices)
+    reporter.patches_done(len(indices))
+    if slide.remaining == 0:
+        with _disk_errors(writer.path):
+            writer.commit(slide.name)
+        active.pop(slide.name)
+        result.slides_tiled += 1
+        result.patches += len(slide.plan.coords)
+        reporter.advance_slide()
+
+
+def _write_slide_header(group, sp: SlidePlan, spec: TileSpec, name: str) -> None:
+    """Everything about a slide except its pixels: attrs, coords with CLAM/TRIDENT attrs."""
+    meta, plan = sp.meta, sp.plan
+    w, h = meta.dimensions
+    nan = float("nan")
+    group.attrs.update(
+        {
+            "source_path": os.path.abspath(meta.path),
+            "fingerprint": meta.fingerprint,
+            "vendor": meta.vendor,
+            "width": w,
+            "height": h,
+            "level0_mpp": meta.mpp if meta.mpp is not None else nan,
+            "mpp_source": meta.mpp_source,
+            "objective_power": meta.objective_power if meta.objective_power is not None else nan,
+            "patch_level": plan.level,
+            "scale": plan.scale,
+            "num_patches": len(sp.coords),
+            "grid_patches": sp.grid_total,
+        }
+    )
+    coords = group.create_dataset("coords", data=sp.coords.astype(np.int64).reshape(-1, 2))
+    level_dim = meta.level_dimensions[plan.level]
+    coords.attrs.update(
+        {
+            # CLAM: read_region(coord, patch_level, (patch_size, patch_size))
+            "patch_size": plan.read_size,
+            "patch_level": plan.level,
+            "downsample": np.array([plan.level_downsample, plan.level_downsample]),
+            "downsampled_level_dim": np.array(level_dim, dtype=np.int64),
+            "level_dim": np.array(meta.dimensions, dtype=np.int64),
+            "name": name,
+            # TRIDENT
+            "patch_size_level0": plan.patch_size_level0,
+            "level0_magnification": meta.objective_power if meta.objective_power is not None else nan,
+            "target_magnification": plan.target_magnification,
+            "overlap": spec.patch_size - spec.step if spec.step < spec.patch_size else 0,
+            # ours: the stored pixels are target_patch_size at target_mpp
+            "target_patch_size": plan.patch_size,
+            "target_mpp": plan.target_mpp,
+        }
+    )
+    group.create_dataset("tissue_fraction", data=sp.tissue_fraction.astype(np.float32))
+    create_pixel_dataset(group, spec.codec, len(sp.coords), spec.patch_size)
+
+
+class _disk_errors:
+    """Turn a failed write (disk full, I/O error) into a one-line, resumable error."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not issubclass(exc_type, OSError):
+            return False
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc):
+            raise SimclrPathError(
+                f"{self.path}: disk full; free space and rerun the same command to resume "
+                "(finished slides are kept)"
+            ) from None
+        raise SimclrPathError(
+            f"{self.path}: write failed ({str(exc).splitlines()[0]}); rerun the same command to resume"
+        ) from None

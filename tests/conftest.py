@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+SLIDES = SHARED_DATA / "slides"
+CMU = SLIDES / "CMU-1-Small-Region.svs"
+TCGA = SLIDES / "TCGA-CR-7395-01A-01-TS1.svs"
+NDPI = SLIDES / "Hamamatsu-test3-DAPI-2-387.ndpi"
+PCAM = SHARED_DATA / "patches" / "pcam_ai4all"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def real_slides():
+    if not CMU.exists():
+        pytest.skip("../shared/data/slides is not present")
+    return {"cmu": CMU, "tcga": TCGA, "ndpi": NDPI}
+
+
+@pytest.fixture(scope="session")
+def real_store(real_slides, tmp_path_factory):
+    """A store tiled from the two H&E slides (TCGA needs its mpp given), 128 px at 0.5 um/px."""
+    from simclr_path.grid import TileSpec
+    from simclr_path.tiling import tile_slides
+
+    out = tmp_path_factory.mktemp("store") / "real.h5"
+    result = tile_slides([str(CMU), str(TCGA)], str(out), TileSpec(target_mpp=0.5, patch_size=128, min_tissue=0.3),
+                         workers=0, fallback_mpp=0.25)
+    assert result.ok and result.patches > 100
+    return out

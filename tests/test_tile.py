@@ -1,0 +1,358 @@
+"""`simclr-path tile` and the patch store, on the real slides and synthetic pyramids."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import openslide
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from simclr_path import PatchStore
+from simclr_path.extract import read_patch_direct
+from simclr_path.grid import TileSpec, plan_patches
+from simclr_path.slide import read_meta
+from simclr_path.tiling import tile_slides
+from synthetic import tissue_image, write_slide
+
+
+def run_cli(*args, input=None):
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    return result
+
+
+def summary(result):
+    lines = [l for l in result.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.stderr and result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert errors, result.stderr
+    for needle in needles:
+        assert any(needle in e for e in errors), (needle, result.stderr)
+
+
+@pytest.mark.parametrize("codec,tolerance", [("raw", 0.0), ("jpeg", 3.5)])
+def test_patches_equal_openslide_region_resized(real_slides, tmp_path, codec, tolerance):
+    # CMU: level 0, 0.499 -> 0.5 um/px (a 257 px read resized to 256); NDPI: 40x slide read from
+    # its 2x level (0.456 um/px) resized to 0.5 um/px.
+    out = tmp_path / "p.h5"
+    spec = TileSpec(target_mpp=0.5, patch_size=128, codec=codec, min_tissue=0.1, jpeg_quality=95)
+    result = tile_slides([str(real_slides["cmu"]), str(real_slides["ndpi"])], str(out), spec, workers=2)
+    assert result.ok and result.patches > 50
+    store = PatchStore(out)
+    rng = np.random.default_rng(0)
+    for index in rng.choice(len(store), size=12, replace=False):
+        name, x, y = store.coords(index)
+        path = real_slides["cmu"] if name.startswith("CMU") else real_slides["ndpi"]
+        slide = openslide.OpenSlide(str(path))
+        plan = plan_patches(read_meta(slide, path), spec, slide.get_best_level_for_downsample)
+        expected = read_patch_direct(slide, plan, x, y)
+        got = store[index]
+        assert got.shape == (128, 128, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - expected.astype(int)).mean()
+        assert diff <= tolerance, (name, x, y, diff)
+
+
+def test_level_choice_never_upsamples_and_reads_coarsest_sufficient_level(real_slides):
+    slide = openslide.OpenSlide(str(real_slides["ndpi"]))  # 0.228 um/px, levels 1,2,4,...,64
+    meta = read_meta(slide, real_slides["ndpi"])
+    for mpp, level in [(0.25, 0), (0.5, 1), (1.0, 2), (2.0, 3)]:
+        plan = plan_patches(meta, TileSpec(target_mpp=mpp), slide.get_best_level_for_downsample)
+        assert plan.level == level
+        assert plan.level_downsample <= plan.scale  # the level is at least as fine as the target
+    plan = plan_patches(meta, TileSpec(target_mpp=None, magnification=10), slide.get_best_level_for_downsample)
+    assert plan.level == 2 and plan.read_size == 256 and plan.scale == 4
+
+
+def test_coords_on_grid_inside_slide_with_clam_and_trident_attrs(real_slides, tmp_path):
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", real_slides["ndpi"], "--out", out, "--magnification", 10, "--patch-size", 64, "--overlap", 16,
+                "--min-tissue", 0.2, "--workers", 0)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        g = f["slides/Hamamatsu-test3-DAPI-2-387"]
+        coords = g["coords"][()]
+        attrs = dict(g["coords"].attrs)
+        assert coords.dtype == np.int64 and coords.shape[1] == 2 and len(coords) > 10
+        assert attrs["patch_level"] == 2 and attrs["patch_size"] == 64  # 4x level, 64 px there
+        assert attrs["patch_size_level0"] == 256 and attrs["level0_magnification"] == 40
+        assert attrs["target_magnification"] == 10 and attrs["overlap"] == 16
+        assert np.all(coords >= 0)
+        assert np.all(coords[:, 0] + 256 <= 3968) and np.all(coords[:, 1] + 256 <= 4864)
+        # stride 48 target px = 192 level-0 px, grid anchored at (0, 0)
+        assert np.all(coords % 192 == 0)
+        assert len(np.unique(coords, axis=0)) == len(coords)
+        assert g["tissue_fraction"][()].min() >= 0.2
+
+
+def test_missing_mpp_is_one_line_error_and_other_slides_finish(real_slides, tmp_path):
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", real_slides["cmu"], real_slides["tcga"], "--out", out, "--workers", 0, "-q")
+    assert_one_line_error(r, "TCGA-CR-7395-01A-01-TS1.svs", "--slide-mpp")
+    assert r.exit_code == 1
+    s = summary(r)
+    assert s["slides_tiled"] == 1 and s["slides_failed"] == 1
+    assert PatchStore(out).slide_names == ["CMU-1-Small-Region"]
+    # the fix the message names works, and the finished slide is skipped
+    r = run_cli("tile", real_slides["cmu"], real_slides["tcga"], "--out", out, "--workers", 0, "--slide-mpp", 0.25)
+    assert r.exit_code == 0, r.stderr
+    s = summary(r)
+    assert s["slides_skipped"] == 1 and s["slides_tiled"] == 1
+    with h5py.File(out) as f:
+        assert f["slides/TCGA-CR-7395-01A-01-TS1"].attrs["mpp_source"] == "cli"
+        assert f["slides/CMU-1-Small-Region"].attrs["mpp_source"] == "metadata"
+
+
+def test_mpp_csv_overrides_metadata(real_slides, tmp_path):
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\nTCGA-CR-7395-01A-01-TS1.svs,0.25\n")
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", real_slides["tcga"], "--out", out, "--mpp-csv", table, "--workers", 0)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        g = f["slides/TCGA-CR-7395-01A-01-TS1"]
+        assert g.attrs["mpp_source"] == "csv" and g.attrs["level0_mpp"] == 0.25
+        assert g["coords"].attrs["patch_size_level0"] == 512  # 0.5 / 0.25 * 256
+
+
+def test_rerun_skips_by_fingerprint_even_when_renamed(tmp_path):
+    slide = write_slide(tmp_path / "a.tif", tissue_image(1536, 1024, seed=1))
+    out = tmp_path / "p.h5"
+    assert summary(run_cli("tile", slide, "--out", out, "--workers", 0))["slides_tiled"] == 1
+    renamed = tmp_path / "renamed.tif"
+    os.rename(slide, renamed)
+    s = summary(run_cli("tile", renamed, "--out", out, "--workers", 0))
+    assert s["slides_skipped"] == 1 and s["slides_tiled"] == 0
+
+
+def read_all(path):
+    with h5py.File(path) as f:
+        out = {}
+        for name, g in f["slides"].items():
+            out[name] = (g["coords"][()], [bytes(b) for b in g["patches"]], g["tissue_fraction"][()])
+        return out
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(6):
+        write_slide(folder / f"s{i}.tif", tissue_image(3072, 2048, seed=i), levels=2)
+    reference = tmp_path / "reference.h5"
+    cmd = [sys.executable, "-m", "cli", "tile", str(folder), "--mpp", "0.25", "--patch-size", "64",
+           "--min-tissue", "0.2", "--workers", "1", "-q"]
+    subprocess.run(cmd + ["--out", str(reference)], check=True, capture_output=True)
+    expected = read_all(reference)
+    assert len(expected) == 6
+
+    out = tmp_path / "killed.h5"
+    full_size = reference.stat().st_size
+    seen_partial = False
+    for kill_at in (0.3, 0.6, None):  # kill once the store reaches this fraction of its final size
+        proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if kill_at is not None and out.exists() and out.stat().st_size >= kill_at * full_size:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait()
+        partial = read_all(out)  # readable after kill -9, every slide in it complete
+        for name, (coords, patches, fractions) in partial.items():
+            np.testing.assert_array_equal(coords, expected[name][0])
+            assert patches == expected[name][1]
+        if 0 < len(partial) < 6:
+            seen_partial = True
+    assert proc.returncode == 0
+    assert seen_partial, "no kill landed mid-run; make the slides larger"
+    final = read_all(out)
+    assert final.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(final[name][0], expected[name][0])
+        assert final[name][1] == expected[name][1]
+        np.testing.assert_array_equal(final[name][2], expected[name][2])
+
+
+def test_blank_slide_warns_and_stores_zero_patches(tmp_path):
+    slide = write_slide(tmp_path / "blank.tif", tissue_image(1024, 1024, blank=True), levels=2)
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", slide, "--out", out, "--workers", 0)
+    assert r.exit_code == 0
+    assert "warning:" in r.stderr and "no tissue" in r.stderr
+    s = summary(r)
+    assert s["slides_empty"] == 1 and s["patches"] == 0
+    assert len(PatchStore(out)) == 0
+
+
+def test_corrupt_and_foreign_slides_fail_alone(real_slides, tmp_path):
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(real_slides["cmu"].read_bytes()[:300_000])
+    notes = tmp_path / "notes.svs"
+    notes.write_text("not a slide")
+    good = write_slide(tmp_path / "good.tif", tissue_image(1024, 1024, seed=3), levels=2)
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", truncated, notes, good, "--out", out, "--workers", 2, "--mpp", 0.25, "--patch-size", 64)
+    assert_one_line_error(r, "truncated.svs", "notes.svs")
+    s = summary(r)
+    assert s["slides_tiled"] == 1 and s["slides_failed"] == 2
+    assert PatchStore(out).slide_names == ["good"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--mpp", "-1"], "--mpp"),
+        (["--patch-size", "0"], "--patch-size"),
+        (["--min-tissue", "1.5"], "--min-tissue"),
+        (["--workers", "-2"], "--workers"),
+        (["--shard", "3/2"], "--shard"),
+        (["--mpp", "0.5", "--magnification", "20"], "--magnification"),
+        (["--stride", "10", "--overlap", "2"], "--overlap"),
+    ],
+)
+def test_nonsense_options(tmp_path, args, needle):
+    slide = write_slide(tmp_path / "a.tif", tissue_image(512, 512), levels=1)
+    r = run_cli("tile", slide, "--out", tmp_path / "p.h5", *args)
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_bad_paths_and_outputs(tmp_path):
+    slide = write_slide(tmp_path / "a.tif", tissue_image(512, 512), levels=1)
+    assert_one_line_error(run_cli("tile", tmp_path / "missing.svs", "--out", tmp_path / "p.h5"), "missing.svs")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("tile", tmp_path / "empty", "--out", tmp_path / "p.h5"), "no slides found")
+    assert_one_line_error(run_cli("tile", slide, "--out", tmp_path / "nope" / "p.h5"), "does not exist")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    before = foreign.read_bytes()
+    assert_one_line_error(run_cli("tile", slide, "--out", foreign), "not a simclr-path patch store")
+    assert foreign.read_bytes() == before
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    assert_one_line_error(run_cli("tile", slide, "--out", garbage), "garbage.h5")
+
+
+def test_store_spec_mismatch_is_refused(tmp_path):
+    slide = write_slide(tmp_path / "a.tif", tissue_image(1024, 1024), levels=2)
+    out = tmp_path / "p.h5"
+    assert run_cli("tile", slide, "--out", out, "--workers", 0).exit_code == 0
+    assert_one_line_error(run_cli("tile", slide, "--out", out, "--patch-size", 128), "patch_size")
+
+
+def test_truncated_store_is_refused_by_readers(real_store, tmp_path):
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(real_store.read_bytes()[:4096])
+    assert_one_line_error(run_cli("info", cut), "cut.h5")
+    with pytest.raises(Exception) as info:
+        PatchStore(cut)
+    assert "cut.h5" in str(info.value)
+
+
+def test_disk_full_keeps_finished_slides(tmp_path, monkeypatch):
+    import errno
+
+    from simclr_path import tiling
+    from simclr_path.errors import SimclrPathError
+
+    slides = [write_slide(tmp_path / f"{n}.tif", tissue_image(1024, 1024, seed=i), levels=2) for i, n in enumerate("ab")]
+    out = tmp_path / "p.h5"
+    spec = TileSpec(target_mpp=0.25, patch_size=64)
+    tile_slides(slides[:1], str(out), spec, workers=0)
+    real = tiling.write_patches
+
+    def flaky(dataset, start, encoded, codec):
+        if "/b" in dataset.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(dataset, start, encoded, codec)
+
+    monkeypatch.setattr(tiling, "write_patches", flaky)
+    with pytest.raises(SimclrPathError, match="disk full"):
+        tile_slides(slides, str(out), spec, workers=0)
+    assert PatchStore(out).slide_names == ["a"]
+    monkeypatch.setattr(tiling, "write_patches", real)  # space freed: the same call resumes
+    assert tile_slides(slides, str(out), spec, workers=0).slides_skipped == 1
+    assert PatchStore(out).slide_names == ["a", "b"]
+
+
+def test_stdin_paths_and_shards(tmp_path):
+    slides = [write_slide(tmp_path / f"s{i}.tif", tissue_image(512, 512, seed=i), levels=1) for i in range(3)]
+    out = tmp_path / "p.h5"
+    r = run_cli("tile", "-", "--out", out, "--mpp", 0.25, "--patch-size", 64, "--workers", 0, input="\n".join(slides) + "\n")
+    assert r.exit_code == 0, r.stderr
+    assert PatchStore(out).slide_names == ["s0", "s1", "s2"]
+    names = []
+    for k in range(2):
+        shard = tmp_path / f"shard{k}.h5"
+        assert run_cli("tile", tmp_path, "--out", shard, "--mpp", 0.25, "--patch-size", 64, "--shard", f"{k}/2", "--workers", 0).exit_code == 0
+        names.append(PatchStore(shard).slide_names)
+    assert names == [["s0", "s2"], ["s1"]]
+    both = PatchStore([tmp_path / "shard0.h5", tmp_path / "shard1.h5"])
+    assert len(both) == len(PatchStore(out))
+
+
+def test_patchstore_is_picklable_and_works_in_dataloader_workers(real_store):
+    import pickle
+
+    import torch
+
+    store = PatchStore(real_store)
+    first = store[0]
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone[0], first)
+
+    class Wrap(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.from_numpy(store[i])
+
+    loader = torch.utils.data.DataLoader(Wrap(), batch_size=4, num_workers=2)
+    batches = torch.cat(list(loader))
+    np.testing.assert_array_equal(batches[0].numpy(), first)
+
+
+def test_info_and_coords_commands(real_store, tmp_path):
+    r = run_cli("info", real_store)
+    assert r.exit_code == 0
+    info = summary(r)
+    store = info["stores"][0]
+    assert info["total_patches"] == len(PatchStore(real_store))
+    assert store["patch_size"] == 128 and store["target_mpp"] == 0.5
+    by_name = {s["name"]: s for s in store["slides"]}
+    assert by_name["TCGA-CR-7395-01A-01-TS1"]["mpp_source"] == "cli"
+    assert by_name["CMU-1-Small-Region"]["mpp"] == pytest.approx(0.499)
+    r = run_cli("coords", real_store, "--out", tmp_path / "coords")
+    assert r.exit_code == 0
+    with h5py.File(tmp_path / "coords" / "CMU-1-Small-Region.h5") as f:
+        assert set(f.keys()) == {"coords"}
+        assert {"patch_size", "patch_level", "downsample", "level_dim", "patch_size_level0"} <= set(f["coords"].attrs)
+
+
+def test_upsampling_is_refused(real_slides, tmp_path):
+    r = run_cli("tile", real_slides["cmu"], "--out", tmp_path / "p.h5", "--mpp", 0.25, "--workers", 0)
+    assert_one_line_error(r, "CMU-1-Small-Region.svs", "upsample")
+
+
+def test_preview_png_per_slide(real_slides, tmp_path):
+    r = run_cli("tile", real_slides["cmu"], "--out", tmp_path / "p.h5", "--preview", tmp_path / "prev", "--workers", 0)
+    assert r.exit_code == 0
+    import cv2
+
+    img = cv2.imread(str(tmp_path / "prev" / "CMU-1-Small-Region.png"))
+    assert img is not None and img.shape[0] > 100
