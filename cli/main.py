@@ -47,16 +47,9 @@ def cli():
 
 
 def _register():
-    from cli import tile_commands
+    from cli import tile_commands, train_commands
 
-    cli.add_command(tile_commands.tile)
-    cli.add_command(tile_commands.info)
-    cli.add_command(tile_commands.coords)
-    try:
-        from cli import train_commands
-    except ImportError:  # pragma: no cover - during bootstrap only
-        return
-    for command in train_commands.COMMANDS:
+    for command in (tile_commands.tile, tile_commands.info, tile_commands.coords, *train_commands.COMMANDS):
         cli.add_command(command)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import openslide
 
 from .codecs import encode_patches
 from .errors import SlideError
@@ -19,8 +20,11 @@ from .grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from .slide import SlideMeta, open_slide, read_meta, read_rgb
 from .tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 
-#: Side of the level region one task reads, in level pixels (an 8x8 block of 256 px patches).
-BLOCK_PIXELS = 2048
+#: Longest row run read as one strip, and most patches in one worker task.
+RUN_PATCHES = 16
+TASK_PATCHES = 64
+#: OpenSlide tile cache per worker process (bytes); holds the tiles shared by neighbouring strips.
+SLIDE_CACHE_BYTES = 64 << 20
 
 _open_slides: "OrderedDict[str, object]" = OrderedDict()
 
@@ -30,10 +34,25 @@ def cached_slide(path: str):
     slide = _open_slides.pop(path, None)
     if slide is None:
         slide = open_slide(path)
+        _set_cache(slide)
     _open_slides[path] = slide
     while len(_open_slides) > 4:
         _open_slides.popitem(last=False)[1].close()
     return slide
+
+
+_cache = None
+
+
+def _set_cache(slide) -> None:
+    """One larger tile cache shared by this process's slides (OpenSlide >= 4, if available)."""
+    global _cache
+    try:
+        if _cache is None:
+            _cache = openslide.OpenSlideCache(SLIDE_CACHE_BYTES)
+        slide.set_cache(_cache)
+    except (AttributeError, openslide.OpenSlideError):  # older OpenSlide: keep its default cache
+        pass
 
 
 @dataclass
@@ -99,49 +118,67 @@ def write_preview(path: str, thumb: np.ndarray, mask: np.ndarray, mask_ds: float
         raise SlideError(f"{path}: cannot write the preview PNG; check --preview")
 
 
-def plan_blocks(sp: SlidePlan, block_pixels: int = BLOCK_PIXELS) -> list[np.ndarray]:
-    """Split kept patches into square blocks of grid cells; each block is one region read.
+def plan_blocks(sp: SlidePlan, max_run: int = RUN_PATCHES, max_task: int = TASK_PATCHES) -> list[np.ndarray]:
+    """Group kept patches into tasks of row runs; each run is read as one strip.
 
-    Returns arrays of indices into ``sp.coords``, in row-major block order.
+    A run is a stretch of kept patches on consecutive grid columns of one row (at most
+    ``max_run``), so only tissue is decoded; a task packs whole runs in row-major order (at most
+    ``max_task`` patches), so one worker reads vertically neighbouring strips while OpenSlide's
+    tile cache still holds their shared tiles. Returns arrays of indices into ``sp.coords``.
     """
-    if len(sp.coords) == 0:
+    n = len(sp.coords)
+    if n == 0:
         return []
-    cells_per_block = max(1, int(block_pixels // max(sp.plan.step_level, 1.0)))
-    block_of = sp.grid_cells // cells_per_block
-    key = block_of[:, 0] * (int(block_of[:, 1].max()) + 1) + block_of[:, 1]
-    order = np.argsort(key, kind="stable")
-    splits = np.flatnonzero(np.diff(key[order])) + 1
-    return np.split(order, splits)
+    rows, cols = sp.grid_cells[:, 0], sp.grid_cells[:, 1]
+    breaks = np.flatnonzero((np.diff(rows) != 0) | (np.diff(cols) != 1)) + 1
+    runs = []
+    for run in np.split(np.arange(n), breaks):
+        runs.extend(run[i : i + max_run] for i in range(0, len(run), max_run))
+    tasks, current = [], []
+    for run in runs:
+        if current and sum(map(len, current)) + len(run) > max_task:
+            tasks.append(np.concatenate(current))
+            current = []
+        current.append(run)
+    tasks.append(np.concatenate(current))
+    return tasks
+
+
+def split_runs(coords: np.ndarray, step_level0: float) -> list[slice]:
+    """Runs of neighbouring patches on one row (same y, x one grid step apart) in a task."""
+    dx = np.diff(coords[:, 0])
+    breaks = np.flatnonzero((np.diff(coords[:, 1]) != 0) | (dx <= 0) | (dx > 1.5 * step_level0)) + 1
+    edges = [0, *breaks.tolist(), len(coords)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def read_block(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
-    """Read the region covering ``coords`` once and cut, resize and encode its patches."""
+    """Read each row run of ``coords`` as one strip, then cut, resize and encode its patches."""
+    ds, size = plan.level_downsample, plan.read_size
+    patches = []
     try:
         slide = cached_slide(path)
-        ds = plan.level_downsample
-        level_xy = np.round(coords / ds).astype(np.int64)
-        x0, y0 = level_xy.min(axis=0)
-        x1, y1 = level_xy.max(axis=0) + plan.read_size
-        region = read_rgb(
-            slide, (int(round(x0 * ds)), int(round(y0 * ds))), plan.level, (int(x1 - x0), int(y1 - y0))
-        )
+        for run in split_runs(coords, plan.step_level * ds):
+            level_xy = np.round(coords[run] / ds).astype(np.int64)
+            x0, y0 = level_xy[0]
+            width = int(level_xy[-1, 0] - x0 + size)
+            strip = read_rgb(slide, (int(coords[run][0, 0]), int(coords[run][0, 1])), plan.level, (width, size))
+            for lx in level_xy[:, 0] - x0:
+                patch = strip[:, lx : lx + size]
+                if size != plan.patch_size:
+                    patch = cv2.resize(patch, (plan.patch_size, plan.patch_size), interpolation=cv2.INTER_AREA)
+                patches.append(np.ascontiguousarray(patch))
     except SlideError:
         raise
     except Exception as exc:
         raise SlideError(f"{path}: cannot be read ({_first_line(exc)}); re-export or remove it") from None
-    patches = []
-    size = plan.read_size
-    for lx, ly in level_xy:
-        patch = region[ly - y0 : ly - y0 + size, lx - x0 : lx - x0 + size]
-        if size != plan.patch_size:
-            patch = cv2.resize(patch, (plan.patch_size, plan.patch_size), interpolation=cv2.INTER_AREA)
-        patches.append(np.ascontiguousarray(patch))
     return encode_patches(patches, spec.codec, spec.jpeg_quality)
 
 
 def read_patch_direct(slide, plan: PatchPlan, x: int, y: int) -> np.ndarray:
-    """One patch by its own ``read_region`` call: the reference the block reader must match."""
-    patch = read_rgb(slide, (int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
+    """One patch by OpenSlide's public ``read_region`` alone: what a stored patch must equal."""
+    region = slide.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
+    patch = np.asarray(region.convert("RGB"))
     if plan.read_size != plan.patch_size:
         patch = cv2.resize(patch, (plan.patch_size, plan.patch_size), interpolation=cv2.INTER_AREA)
     return patch

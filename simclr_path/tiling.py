@@ -48,6 +48,7 @@ class TileResult:
     slides_empty: int = 0
     patches: int = 0
     seconds: float = 0.0
+    extract_seconds: float = 0.0  # from the first patch read to the end: the steady-state part
     failures: list[dict] = field(default_factory=list)
 
     @property
@@ -65,6 +66,7 @@ class TileResult:
             "patches": self.patches,
             "seconds": round(self.seconds, 3),
             "patches_per_s": round(self.patches / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "extract_patches_per_s": round(self.patches / self.extract_seconds, 1) if self.extract_seconds > 0 else 0.0,
             "failures": self.failures,
         }
 
@@ -149,10 +151,13 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
     blocks: deque = deque()  # (active slide, indices into its kept patches)
     inflight: dict[Future, tuple] = {}
     active: dict[str, _Active] = {}
+    first_block = None
     try:
         while pending or blocks or inflight:
             while len(inflight) < window:
                 if blocks:
+                    if first_block is None:
+                        first_block = time.perf_counter()
                     slide, indices = blocks.popleft()
                     if slide.failed:
                         continue
@@ -173,6 +178,8 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
                     _on_block(fut, task[1], task[2], writer, spec, active, reporter, result)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+        if first_block is not None:
+            result.extract_seconds = time.perf_counter() - first_block
 
 
 def _preparing(inflight) -> int:

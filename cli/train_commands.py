@@ -1,0 +1,87 @@
+"""``pretrain``, ``export`` and ``demo``."""
+
+from __future__ import annotations
+
+import click
+
+from cli.tile_commands import _echo_json
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  simclr-path pretrain patches.h5 --out runs/small --config small
+  simclr-path pretrain p-0.h5 p-1.h5 --out runs/r50 --config resnet50_paper --batch 512 --epochs 50
+  simclr-path pretrain patches.h5 --out runs/small     # again: resumes from runs/small/checkpoint.pt
+"""
+)
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder (created; resumed if it holds a checkpoint).")
+@click.option("--config", "config", default=None, help="Preset name in configs/ (small, resnet50_paper) or a YAML path.")
+@click.option("--batch", type=int, default=None, help="Global batch size (patches; two views each).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Base learning rate (scaled by batch/256).")
+@click.option("--backbone", default=None, help="timm model name, e.g. resnet50.")
+@click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local weights file for the backbone.")
+@click.option("--image-size", type=int, default=None, help="View size in pixels (<= the store's patch size).")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=None)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (the schedule still spans --epochs).")
+@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--tensorboard", is_flag=True, default=None, help="Also log to runs/NAME/tensorboard.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image_size, workers, device, seed,
+             max_steps, checkpoint_every, compile_, tensorboard, quiet):
+    """Pretrain a timm backbone with SimCLR on one or more patch stores.
+
+    Prints one JSON summary line on stdout; progress and logs go to stderr.
+    """
+    from simclr_path.config import apply_overrides, load_config
+    from simclr_path.train import pretrain as run_pretrain
+
+    cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, backbone=backbone,
+                          pretrained=pretrained, image_size=image_size, workers=workers, device=device, seed=seed,
+                          max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
+                          tensorboard=tensorboard or None)
+    _echo_json(run_pretrain(list(stores), out, cfg, progress=not quiet))
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  simclr-path export runs/small encoder.pt
+  simclr-path export runs/small/checkpoint.pt encoder.safetensors --format safetensors
+Load it:
+  timm.create_model("resnet18", num_classes=0, checkpoint_path="encoder.pt")
+  simclr_path.load_encoder("encoder.pt")   # -> (model, metadata)
+"""
+)
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default=None,
+              help="Default: from OUT's extension (.safetensors), else torch.")
+def export(source, out, fmt):
+    """Export the encoder (backbone weights + metadata) of a run folder or checkpoint."""
+    import os
+
+    from simclr_path.export import export_encoder
+
+    meta = export_encoder(source, out, fmt)
+    _echo_json({"encoder": os.path.abspath(out), "timm_model": meta["timm_model"], "input_size": meta["input_size"],
+                "patch_mpp": meta["patch_mpp"], "steps": meta["training"]["steps"]})
+
+
+@click.command(epilog="Example:\n\n  simclr-path demo --out simclr-path-demo")
+@click.option("--out", "-o", default="simclr-path-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", type=int, default=40, show_default=True, help="Pretraining steps.")
+@click.option("--quiet", "-q", is_flag=True)
+def demo(out, steps, quiet):
+    """Run the whole chain on a built-in synthetic slide (CPU, a few minutes, no input)."""
+    from simclr_path.demo import run_demo
+
+    _echo_json(run_demo(out, steps=steps, progress=not quiet))
+
+
+COMMANDS = [pretrain, export, demo]

@@ -1,0 +1,157 @@
+"""Pretraining configuration: dataclasses, YAML presets, command-line overrides.
+
+A preset is a YAML file with the sections ``model``, ``views``, ``optim`` and ``run``; any key left
+out keeps its default. ``--config small`` names a preset in the repository's ``configs/`` folder;
+a path names any file. The resolved config is saved as ``config.yaml`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import SimclrPathError
+from .views import ViewConfig
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and projection head (see :class:`simclr_path.model.SimCLRModel`)."""
+
+    backbone: str = "resnet50"
+    pretrained: str | None = None
+    head_hidden: int = 2048
+    head_out: int = 128
+    head_layers: int = 3
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """LARS, schedule and loss. ``batch`` is the global batch (patches, two views each)."""
+
+    batch: int = 256
+    epochs: int = 100
+    base_lr: float = 0.3
+    lr_scaling: str = "linear"  # linear: base * batch / 256; sqrt: base * sqrt(batch)
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    trust_coeff: float = 0.001
+    warmup_epochs: float = 10.0
+    temperature: float = 0.1
+    max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
+
+
+@dataclass
+class RunConfig:
+    """Where and how the loop runs."""
+
+    device: str = "auto"  # auto: cuda if available, else cpu
+    workers: int = 4
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    checkpoint_every: int = 500  # steps
+    log_every: int = 10  # steps
+    tensorboard: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "PretrainConfig":
+        data = data or {}
+        unknown = set(data) - {"model", "views", "optim", "run"}
+        if unknown:
+            raise SimclrPathError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, views, optim, run")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_cls = type(f.default_factory())
+            values = data.get(f.name) or {}
+            names = {x.name for x in dataclasses.fields(section_cls)}
+            bad = set(values) - names
+            if bad:
+                raise SimclrPathError(f"{source}: unknown key(s) {sorted(bad)} in '{f.name}'; known: {sorted(names)}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            sections[f.name] = section_cls(**values)
+        return cls(**sections)
+
+    def validate(self) -> None:
+        o, v, r = self.optim, self.views, self.run
+        checks = [
+            (o.batch >= 2, f"--batch must be >= 2, got {o.batch}"),
+            (o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}"),
+            (o.base_lr > 0, f"--lr must be > 0, got {o.base_lr}"),
+            (o.lr_scaling in ("linear", "sqrt"), f"lr_scaling must be linear or sqrt, got {o.lr_scaling!r}"),
+            (o.temperature > 0, f"temperature must be > 0, got {o.temperature}"),
+            (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
+            (o.max_steps is None or o.max_steps >= 1, f"--max-steps must be >= 1, got {o.max_steps}"),
+            (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
+            (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
+            (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
+            (self.model.head_layers >= 1, f"head_layers must be >= 1, got {self.model.head_layers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SimclrPathError(message)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise SimclrPathError(f"{name_or_path}: no such config file or preset; presets: {', '.join(known)}")
+
+
+def load_config(name_or_path: str | None) -> PretrainConfig:
+    if name_or_path is None:
+        return PretrainConfig()
+    path = resolve_preset(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SimclrPathError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return PretrainConfig.from_dict(data, source=str(path))
+
+
+def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
+    """Set ``section.key`` values given as ``key=value`` (None means: not given)."""
+    where = {
+        "batch": "optim", "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
+        "temperature": "optim", "backbone": "model", "pretrained": "model", "compile": "model",
+        "image_size": "views", "workers": "run", "device": "run", "seed": "run",
+        "checkpoint_every": "run", "tensorboard": "run",
+    }
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, attr = where[key] if isinstance(where[key], tuple) else (where[key], key)
+        setattr(getattr(cfg, section), attr, value)
+    return cfg
+
+
+def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+    data = cfg.to_dict()
+    data = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} for s, d in data.items()}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,159 @@
+"""Exporting the pretrained encoder, and loading it back.
+
+The export holds the backbone's weights only (no projection head), with keys exactly as
+``timm.create_model(name, num_classes=0)`` names them, so timm loads it with every key matched::
+
+    model = timm.create_model("resnet50", num_classes=0, checkpoint_path="encoder.pt")
+
+plus the metadata needed to use it (timm model name, input size, mean/std, patch resolution, a
+training summary): under the ``simclr_path`` key of the torch file, or as JSON in the safetensors
+header. ``load_encoder(path)`` does all of it in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import __version__
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
+from .errors import SimclrPathError
+
+ENCODER_FORMAT = "simclr-path encoder"
+BACKBONE_PREFIX = "backbone."
+
+
+def backbone_state_dict(model_state: dict) -> dict:
+    """Backbone weights of a SimCLR model state, with wrapper and ``backbone.`` prefixes removed."""
+    state = strip_prefixes(model_state)
+    return {k[len(BACKBONE_PREFIX):]: v.detach().clone().contiguous() for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def _resolve_checkpoint(source: str) -> str:
+    if os.path.isdir(source):
+        path = os.path.join(source, CHECKPOINT_NAME)
+        if not os.path.exists(path):
+            raise SimclrPathError(f"{source}: run folder has no {CHECKPOINT_NAME}; run 'simclr-path pretrain' first")
+        return path
+    if not os.path.exists(source):
+        raise SimclrPathError(f"{source}: no such run folder or checkpoint")
+    return source
+
+
+def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
+    """Write the encoder of the run folder or checkpoint ``source`` to ``out``; returns its metadata."""
+    import timm
+
+    fmt = fmt or ("safetensors" if out.endswith(".safetensors") else "torch")
+    if fmt not in ("torch", "safetensors"):
+        raise SimclrPathError(f"--format must be torch or safetensors, got {fmt!r}")
+    ckpt = load_checkpoint(_resolve_checkpoint(source))
+    cfg = ckpt["config"]
+    name = cfg["model"]["backbone"]
+    weights = backbone_state_dict(ckpt["model"])
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        model.load_state_dict(weights, strict=True)  # the export must match timm's names exactly
+    except RuntimeError as exc:
+        raise SimclrPathError(f"{source}: weights do not match timm's {name} ({str(exc).splitlines()[0]})") from None
+    store = ckpt.get("store", {})
+    views = cfg["views"]
+    metadata = {
+        "format": ENCODER_FORMAT,
+        "version": 1,
+        "tool_version": __version__,
+        "timm_model": name,
+        "num_features": int(model.num_features),
+        "input_size": [3, int(views["image_size"]), int(views["image_size"])],
+        "mean": [float(x) for x in views["mean"]],
+        "std": [float(x) for x in views["std"]],
+        "patch_mpp": store.get("target_mpp"),
+        "patch_magnification": store.get("magnification"),
+        "patch_size": store.get("patch_size"),
+        "training": {
+            "steps": int(ckpt["step"]),
+            "total_steps": int(ckpt.get("total_steps", ckpt["step"])),
+            "epoch": int(ckpt["epoch"]),
+            "global_batch": int(cfg["optim"]["batch"]),
+            "temperature": float(cfg["optim"]["temperature"]),
+            "patches": store.get("patches"),
+            "stores": store.get("paths", []),
+        },
+    }
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise SimclrPathError(f"{out}: folder {parent} does not exist; create it first")
+    tmp = f"{out}.tmp"
+    try:
+        if fmt == "torch":
+            torch.save({"state_dict": weights, "simclr_path": metadata}, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(weights, tmp, metadata={"simclr_path": json.dumps(metadata)})
+        os.replace(tmp, out)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SimclrPathError(f"{out}: cannot write the encoder ({exc.strerror or exc})") from None
+    return metadata
+
+
+def read_encoder(path: str) -> tuple[dict, dict]:
+    """(state_dict, metadata) of an exported encoder, torch or safetensors, loaded safely."""
+    if not os.path.exists(path):
+        raise SimclrPathError(f"{path}: no such encoder file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(path, framework="pt") as fh:
+                metadata = json.loads((fh.metadata() or {}).get("simclr_path", "{}"))
+            weights = load_file(path)
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            weights, metadata = blob["state_dict"], blob.get("simclr_path", {})
+    except Exception as exc:
+        raise SimclrPathError(f"{path}: not a readable encoder file ({str(exc).splitlines()[0][:160]})") from None
+    if metadata.get("format") != ENCODER_FORMAT:
+        raise SimclrPathError(f"{path}: not a simclr-path encoder (no metadata); export one with 'simclr-path export'")
+    return weights, metadata
+
+
+def load_encoder(path: str, features_only: bool = False, **timm_kwargs):
+    """Build the timm model of an exported encoder and load its weights (every key matched).
+
+    Args:
+        path: ``encoder.pt`` or ``encoder.safetensors`` from ``simclr-path export``.
+        features_only: return timm's multi-scale feature extractor (for segmentation decoders).
+        timm_kwargs: passed to ``timm.create_model`` (e.g. ``out_indices``).
+
+    Returns:
+        ``(model, metadata)``; the model is in eval mode, its ``pretrained_cfg`` carries the
+        encoder's mean, std and input size.
+    """
+    import timm
+
+    weights, metadata = read_encoder(path)
+    name = metadata["timm_model"]
+    model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    model.load_state_dict(weights, strict=True)
+    if features_only:
+        features = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
+        wanted = features.state_dict()
+        source = model.state_dict()
+        mapped = {}
+        for key in wanted:
+            candidate = key[len("model."):] if key.startswith("model.") and key not in source else key
+            if candidate not in source:
+                raise SimclrPathError(f"{path}: feature extractor key {key!r} has no weight in the encoder")
+            mapped[key] = source[candidate]
+        features.load_state_dict(mapped, strict=True)
+        model = features
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg.update(mean=tuple(metadata["mean"]), std=tuple(metadata["std"]), input_size=tuple(metadata["input_size"]))
+    model.pretrained_cfg = cfg
+    return model.eval(), metadata

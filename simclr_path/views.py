@@ -1,0 +1,131 @@
+"""Two augmented views per patch (albumentations), read from patch stores in DataLoader workers.
+
+Defaults follow SimCLR (Chen et al. 2020, appendix A): "random crop and resize (with random flip),
+color distortion, and Gaussian blur"; colour jitter 0.8/0.8/0.8/0.2 applied with p=0.8, grayscale
+with p=0.2, blur with p=0.5, crops covering 8-100% of the image. Adapted to pathology: tissue has
+no up or down, so vertical flips and 90-degree rotations are added; hue jitter defaults weaker
+(0.05) because hue carries the stain; albumentations' ``HEStain`` can perturb the stain itself.
+
+Views stay uint8 (HWC -> CHW) until the training step normalises them on the device.
+Each sample's randomness comes from ``(seed, epoch, index)`` alone, so a run is reproducible and a
+resumed run sees exactly the views an uninterrupted one would, whichever worker draws them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViewConfig:
+    """Augmentation strengths; each maps one to one onto an albumentations argument.
+
+    Args:
+        image_size: side of each view in pixels (default 224).
+        crop_scale: (min, max) area fraction of RandomResizedCrop (default (0.08, 1.0)).
+        hflip_p, vflip_p: flip probabilities (default 0.5 each).
+        rot90_p: probability of rotating by a random multiple of 90 degrees (default 0.5).
+        jitter_p: probability of colour jitter (default 0.8).
+        brightness, contrast, saturation, hue: jitter strengths (default 0.8, 0.8, 0.8, 0.05).
+        grayscale_p: probability of grayscale (default 0.2).
+        blur_p: probability of Gaussian blur (default 0.5), sigma in ``blur_sigma`` (0.1-2.0).
+        he_stain_p: probability of H&E stain augmentation (default 0.0: off).
+        mean, std: normalisation, carried into the exported encoder (default ImageNet).
+    """
+
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rot90_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.05
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    he_stain_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def build_transform(cfg: ViewConfig) -> A.Compose:
+    """The albumentations pipeline producing one view (uint8 HWC in, uint8 HWC out)."""
+    size = cfg.image_size
+    blur_kernel = 2 * int(round(0.05 * size)) + 1  # ~10% of the image, odd, as in SimCLR
+    steps = [
+        A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.crop_scale), interpolation=cv2.INTER_LINEAR,
+                            area_for_downscale="image"),
+        A.HorizontalFlip(p=cfg.hflip_p),
+        A.VerticalFlip(p=cfg.vflip_p),
+        A.RandomRotate90(p=cfg.rot90_p),
+    ]
+    if cfg.he_stain_p > 0:
+        steps.append(A.HEStain(method="random_preset", p=cfg.he_stain_p))
+    steps += [
+        A.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
+                      p=cfg.jitter_p),
+        A.ToGray(num_output_channels=3, p=cfg.grayscale_p),
+        A.GaussianBlur(blur_limit=(blur_kernel, blur_kernel), sigma_limit=tuple(cfg.blur_sigma), p=cfg.blur_p),
+    ]
+    return A.Compose(steps)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends only on the run seed, the epoch and the patch index."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Each item is two independently augmented uint8 views (3, S, S) of the same patch.
+
+    Args:
+        store: a :class:`~simclr_path.PatchStore` (or any sequence of HxWx3 uint8 arrays).
+        cfg: augmentation settings.
+        seed: run seed; call :meth:`set_epoch` so every epoch draws fresh views.
+    """
+
+    def __init__(self, store, cfg: ViewConfig, seed: int = 0):
+        self.store = store
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = 0
+        self._transform: A.Compose | None = None  # built lazily in each worker
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int):
+        if self._transform is None:
+            self._transform = build_transform(self.cfg)
+        image = self.store[index]
+        self._transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
+        views = [self._transform(image=image)["image"] for _ in range(2)]
+        return tuple(torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for v in views)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_transform"] = None
+        return state
+
+
+def normalize(views: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, scaled to [0, 1] and standardised; runs on the views' device."""
+    mean = torch.as_tensor(mean, device=views.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, device=views.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (views.float().div_(255.0) - mean) / std

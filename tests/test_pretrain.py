@@ -1,0 +1,174 @@
+"""`simclr-path pretrain` and `export` on a store tiled from the real slides (CPU)."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from simclr_path import PatchStore, load_encoder
+from simclr_path.checkpoint import load_checkpoint
+from simclr_path.config import PretrainConfig, apply_overrides, load_config
+from simclr_path.errors import SimclrPathError
+from simclr_path.model import SimCLRModel
+from simclr_path.train import pretrain
+
+TINY = dict(backbone="resnet10t", batch=32, image_size=64, workers=2, device="cpu")
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    cfg = apply_overrides(load_config("small"), **{**TINY, **overrides})
+    cfg.model.head_hidden = 128
+    cfg.optim.epochs = 20
+    cfg.optim.warmup_epochs = 0
+    cfg.run.log_every = 1
+    return cfg
+
+
+def losses(run):
+    with open(os.path.join(run, "metrics.jsonl")) as fh:
+        return [json.loads(line)["loss"] for line in fh]
+
+
+@pytest.fixture(scope="module")
+def trained_run(real_store, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("runs") / "falls")
+    summary = pretrain([str(real_store)], run, tiny_config(max_steps=40, lr=0.6, checkpoint_every=20), progress=False)
+    return run, summary
+
+
+def test_short_run_loss_clearly_falls(trained_run):
+    run, summary = trained_run
+    values = losses(run)
+    assert len(values) == 40 and summary["step"] == 40
+    first, last = np.mean(values[:5]), np.mean(values[-5:])
+    assert last < first - 0.5, (first, last)
+    for name in ("config.yaml", "checkpoint.pt", "metrics.jsonl", "curves.png"):
+        assert os.path.exists(os.path.join(run, name))
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(real_store, tmp_path):
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    pretrain([str(real_store)], whole, tiny_config(max_steps=8, checkpoint_every=3), progress=False)
+    pretrain([str(real_store)], split, tiny_config(max_steps=5, checkpoint_every=3), progress=False)
+    ckpt = load_checkpoint(os.path.join(split, "checkpoint.pt"))
+    assert ckpt["step"] == 5 and ckpt["batch_in_epoch"] == 5
+    pretrain([str(real_store)], split, tiny_config(max_steps=8, checkpoint_every=3), progress=False)
+    assert losses(split) == losses(whole)  # bit for bit, through a mid-epoch stop with 2 workers
+
+
+def test_resume_after_a_crash_uses_the_last_checkpoint(real_store, tmp_path, monkeypatch):
+    from simclr_path import train
+
+    run = str(tmp_path / "run")
+    reference = str(tmp_path / "reference")
+    pretrain([str(real_store)], reference, tiny_config(max_steps=6, checkpoint_every=2), progress=False)
+    real_loss = train.NTXentLoss.forward
+    calls = {"n": 0}
+
+    def crashing(self, z0, z1):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            return torch.tensor(float("nan"))
+        return real_loss(self, z0, z1)
+
+    monkeypatch.setattr(train.NTXentLoss, "forward", crashing)
+    with pytest.raises(SimclrPathError, match="step 6"):
+        pretrain([str(real_store)], run, tiny_config(max_steps=6, checkpoint_every=2), progress=False)
+    assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 4  # last good one kept
+    monkeypatch.setattr(train.NTXentLoss, "forward", real_loss)
+    pretrain([str(real_store)], run, tiny_config(max_steps=6, checkpoint_every=2), progress=False)
+    assert losses(run) == losses(reference)
+
+
+def test_export_round_trip_gives_identical_features(trained_run, tmp_path):
+    run, _ = trained_run
+    ckpt = load_checkpoint(os.path.join(run, "checkpoint.pt"))
+    model = SimCLRModel("resnet10t", head_hidden=128)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.backbone(x)
+    for name in ("encoder.pt", "encoder.safetensors"):
+        out = tmp_path / name
+        r = CliRunner().invoke(cli, ["export", run, str(out)])
+        assert r.exit_code == 0, r.stderr
+        info = json.loads(r.stdout)
+        assert info["timm_model"] == "resnet10t" and info["input_size"] == [3, 64, 64]
+        loaded = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(out))  # strict load
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
+        encoder, meta = load_encoder(str(out))
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(x), expected, rtol=0, atol=0)
+        assert meta["patch_mpp"] == 0.5 and meta["patch_size"] == 128
+        assert meta["mean"] == list(PretrainConfig().views.mean)
+        assert meta["training"]["steps"] == 40
+    blob = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert not any(k.startswith(("backbone.", "module.", "_orig_mod.", "head.")) for k in blob["state_dict"])
+    features, _ = load_encoder(str(tmp_path / "encoder.pt"), features_only=True)
+    maps = features(x)
+    assert len(maps) == 5 and maps[-1].shape[1] == 512
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_error(result, *needles):
+    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    line = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(line) == 1, result.stderr
+    for needle in needles:
+        assert needle in line[0], (needle, line[0])
+
+
+TINY_ARGS = ["--backbone", "resnet10t", "--batch", 32, "--image-size", 64, "--max-steps", 1, "--device", "cpu", "-q"]
+
+
+def test_bad_inputs_are_one_line_errors(real_store, tmp_path):
+    assert_error(run_cli("pretrain", tmp_path / "missing.h5", "--out", tmp_path / "r"), "missing.h5", "tile")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    assert_error(run_cli("pretrain", foreign, "--out", tmp_path / "r"), "foreign.h5", "not a simclr-path patch store")
+    assert_error(run_cli("pretrain", real_store, "--out", tmp_path / "r", "--backbone", "resnet5O"), "resnet5O", "resnet50")
+    assert_error(run_cli("pretrain", real_store, "--out", tmp_path / "r", *TINY_ARGS, "--batch", 100000), "--batch 100000", "patches")
+    assert_error(run_cli("pretrain", real_store, "--out", tmp_path / "r", *TINY_ARGS, "--image-size", 256), "--image-size 256", "128")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_error(run_cli("pretrain", real_store, "--out", blocker / "run", *TINY_ARGS), "cannot be written")
+    assert_error(run_cli("pretrain", real_store, "--out", tmp_path / "r", "--config", "nope"), "nope", "small")
+
+
+def test_empty_store_and_other_backbone_checkpoint(real_store, tmp_path):
+    from simclr_path.grid import TileSpec
+    from simclr_path.store import StoreWriter
+
+    empty = tmp_path / "empty.h5"
+    StoreWriter(str(empty), TileSpec().as_attrs()).close()
+    assert_error(run_cli("pretrain", empty, "--out", tmp_path / "r"), "no patches")
+    run = tmp_path / "run"
+    assert run_cli("pretrain", real_store, "--out", run, *TINY_ARGS).exit_code == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    assert_error(run_cli("pretrain", real_store, "--out", run, *TINY_ARGS, "--backbone", "resnet18"), "resnet10t", "new --out")
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert_error(run_cli("export", tmp_path / "nothing", tmp_path / "e.pt"), "nothing")
+
+
+def test_pretrain_cli_prints_one_json_summary(real_store, tmp_path):
+    r = run_cli("pretrain", real_store, "--out", tmp_path / "run", *TINY_ARGS, "--max-steps", 2)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["step"] == 2 and summary["global_batch"] == 32 and summary["negatives_per_anchor"] == 62
+    saved = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert saved.model.backbone == "resnet10t" and saved.views.image_size == 64
