@@ -26,7 +26,7 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     pretrained: str | None = None
-    head_hidden: int = 2048
+    head_hidden: int | None = None  # None: the backbone's feature size
     head_out: int = 128
     head_layers: int = 3
     channels_last: bool = True

@@ -78,17 +78,18 @@ class SimCLRModel(nn.Module):
     Args:
         backbone: timm model name, e.g. ``resnet50``.
         pretrained: optional local weights file for the backbone.
-        head_hidden: hidden width of the head (default 2048).
+        head_hidden: hidden width of the head (default: the backbone's feature size, as in SimCLR).
         head_out: projection size (default 128).
         head_layers: depth of the head (default 3).
     """
 
-    def __init__(self, backbone: str, pretrained: str | None = None, head_hidden: int = 2048, head_out: int = 128,
-                 head_layers: int = 3):
+    def __init__(self, backbone: str, pretrained: str | None = None, head_hidden: int | None = None,
+                 head_out: int = 128, head_layers: int = 3):
         super().__init__()
         self.backbone_name = backbone
         self.backbone = create_backbone(backbone, pretrained)
-        self.head = ProjectionHead(self.backbone.num_features, head_hidden, head_out, head_layers)
+        features = self.backbone.num_features
+        self.head = ProjectionHead(features, head_hidden or features, head_out, head_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

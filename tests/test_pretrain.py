@@ -38,7 +38,7 @@ def losses(run):
 @pytest.fixture(scope="module")
 def trained_run(real_store, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("runs") / "falls")
-    summary = pretrain([str(real_store)], run, tiny_config(max_steps=40, lr=0.6, checkpoint_every=20), progress=False)
+    summary = pretrain([str(real_store)], run, tiny_config(max_steps=40, checkpoint_every=20), progress=False)
     return run, summary
 
 
@@ -46,8 +46,8 @@ def test_short_run_loss_clearly_falls(trained_run):
     run, summary = trained_run
     values = losses(run)
     assert len(values) == 40 and summary["step"] == 40
-    first, last = np.mean(values[:5]), np.mean(values[-5:])
-    assert last < first - 0.5, (first, last)
+    first, last = np.mean(values[:8]), np.mean(values[-8:])
+    assert last < first - 1.0, (first, last)  # seen: 6.3 -> 3.9
     for name in ("config.yaml", "checkpoint.pt", "metrics.jsonl", "curves.png"):
         assert os.path.exists(os.path.join(run, name))
 

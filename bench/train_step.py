@@ -1,0 +1,115 @@
+"""SimCLR step throughput vs a bare backbone forward + backward on the same 2B images.
+
+"SimCLR step" is what `simclr-path pretrain` does per batch: normalise uint8 views, backbone +
+projection head, NT-Xent (fp32), backward, LARS step, scheduler update. "Bare" is the backbone
+alone on the same 2B images with a trivial loss and a plain SGD step. The ratio is the overhead of
+SimCLR itself (head, loss, LARS). Views/s = images (2 per patch) per second; median of timed steps.
+
+Usage: python bench/train_step.py [--backbone resnet18] [--batch 32] [--image-size 96]
+       [--device cpu|cuda] [--amp] [--channels-last] [--compile] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simclr_path.loss import NTXentLoss  # noqa: E402
+from simclr_path.model import SimCLRModel, create_backbone  # noqa: E402
+from simclr_path.optim import build_optimizer, build_scheduler  # noqa: E402
+from simclr_path.views import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch", type=int, default=32, help="patches per step (2x views)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    views_u8 = torch.randint(0, 256, (2 * args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    views_u8 = views_u8.to(device)
+
+    simclr = SimCLRModel(args.backbone).to(device).to(memory_format=fmt)
+    optimizer = build_optimizer(simclr, lr=0.3)
+    scheduler = build_scheduler(optimizer, total_steps=10_000, warmup_steps=100)
+    loss_fn = NTXentLoss(0.1)
+    simclr_fwd = torch.compile(simclr) if args.compile else simclr
+    state = {"step": 0}
+
+    def simclr_step():
+        x = normalize(views_u8, IMAGENET_MEAN, IMAGENET_STD).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            z = simclr_fwd(x)
+        z0, z1 = z.float().chunk(2)
+        loss = loss_fn(z0, z1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] += 1
+        scheduler.step_update(state["step"])
+
+    bare = create_backbone(args.backbone).to(device).to(memory_format=fmt)
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=0.01)
+    bare_fwd = torch.compile(bare) if args.compile else bare
+
+    def bare_step():
+        x = normalize(views_u8, IMAGENET_MEAN, IMAGENET_STD).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = bare_fwd(x).float().pow(2).mean()
+        bare_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        bare_opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_simclr = time_steps(simclr_step, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    t_bare = time_steps(bare_step, args.steps, args.warmup, device)
+    n = 2 * args.batch
+    print(f"\n{args.backbone} @ {args.image_size}px, batch {args.batch} ({n} views), device {device}, amp={args.amp}, "
+          f"channels_last={args.channels_last}, compile={args.compile}, threads={torch.get_num_threads()}")
+    print(f"{'step':14} | {'ms/step':>8} | {'views/s':>8}")
+    print("-" * 37)
+    print(f"{'SimCLR':14} | {t_simclr * 1e3:8.1f} | {n / t_simclr:8.1f}")
+    print(f"{'bare backbone':14} | {t_bare * 1e3:8.1f} | {n / t_bare:8.1f}")
+    print(f"\nSimCLR / bare throughput: {t_bare / t_simclr:.3f}x" +
+          (f"; SimCLR peak GPU memory {peak:.2f} GiB" if device.type == "cuda" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Two-view sampler throughput: ours (albumentations, uint8) vs the lightly-style torchvision recipe.
+
+Both read the same patches from a store (JPEG decode included) and produce two views per patch.
+The baseline is the standard SimCLR transform as lightly writes it (PIL images, torchvision
+RandomResizedCrop, flips, 90-degree rotation, ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale
+p=0.2, Gaussian blur p=0.5, ToTensor, Normalize), written out here rather than imported.
+Reports pairs/s in one process (per core) and through a DataLoader with 1 and 2 workers.
+
+Usage: python bench/views.py [--store patches.h5] [--size 224] [--n 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simclr_path import PatchStore  # noqa: E402
+from simclr_path.views import IMAGENET_MEAN, IMAGENET_STD, TwoViewDataset, ViewConfig  # noqa: E402
+
+
+class RandomRotate90:
+    def __call__(self, img):
+        return img.rotate(90 * random.randint(0, 3))
+
+
+class LightlyStyleTwoViews(torch.utils.data.Dataset):
+    def __init__(self, store, size: int):
+        kernel = 2 * int(round(0.05 * size)) + 1
+        self.store = store
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomApply([RandomRotate90()], p=0.5),
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, index):
+        image = Image.fromarray(self.store[index])
+        return self.transform(image), self.transform(image)
+
+
+def rate_single(dataset, n: int) -> float:
+    dataset[0]
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i % len(dataset)]
+    return n / (time.perf_counter() - start)
+
+
+def rate_loader(dataset, n: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, shuffle=True, drop_last=True,
+                                         persistent_workers=False)
+    it = iter(loader)
+    next(it)  # workers started
+    start = time.perf_counter()
+    count = 0
+    while count < n:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        count += batch[0].shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def default_store(tmp: str) -> str:
+    from simclr_path.grid import TileSpec
+    from simclr_path.tiling import tile_slides
+
+    slide = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    out = str(Path(tmp) / "views.h5")
+    tile_slides([str(slide)], out, TileSpec(target_mpp=0.5, patch_size=256, min_tissue=0.1), workers=0)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--n", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = PatchStore(args.store or default_store(tmp))
+        ours = TwoViewDataset(store, ViewConfig(image_size=args.size))
+        ours_he = TwoViewDataset(store, ViewConfig(image_size=args.size, he_stain_p=0.5))
+        theirs = LightlyStyleTwoViews(store, args.size)
+        rows = []
+        for name, ds in (("simclr-path (albumentations)", ours), ("simclr-path + HEStain p=0.5", ours_he),
+                         ("lightly-style torchvision/PIL", theirs)):
+            rows.append((name, rate_single(ds, args.n), rate_loader(ds, args.n, 1), rate_loader(ds, args.n, 2)))
+    print(f"\nTwo-view pairs/s at {args.size} px from {len(store)} {store.patch_size}-px store patches")
+    print(f"{'pipeline':32} | {'1 process':>9} | {'1 worker':>8} | {'2 workers':>9}")
+    print("-" * 67)
+    for name, single, w1, w2 in rows:
+        print(f"{name:32} | {single:9.0f} | {w1:8.0f} | {w2:9.0f}")
+    base = rows[-1][1]
+    print(f"\nspeed-up per core (1 process) vs lightly-style: {rows[0][1] / base:.2f}x; with HEStain: {rows[1][1] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
