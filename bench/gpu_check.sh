@@ -13,3 +13,6 @@ for batch in 256 512; do
   python3 bench/train_step.py --device cuda --backbone resnet50 --image-size 224 --batch "$batch" \
     --amp --channels-last --compile --steps 20 --warmup 10
 done
+# Gradient cache: the paper's batch 4096 (8192 views) with ResNet-50 at 224 px on ONE GPU.
+python3 bench/train_step.py --device cuda --backbone resnet50 --image-size 224 --batch 4096 \
+  --amp --channels-last --chunk auto --skip-bare --steps 3 --warmup 1

@@ -13,6 +13,9 @@ Examples:
   simclr-path pretrain patches.h5 --out runs/small --config small
   simclr-path pretrain p-0.h5 p-1.h5 --out runs/r50 --config resnet50_paper --batch 512 --epochs 50
   simclr-path pretrain patches.h5 --out runs/small     # again: resumes from runs/small/checkpoint.pt
+  simclr-path pretrain patches.h5 --out runs/r50 --config resnet50_paper --gpus 8 --batch 4096
+  simclr-path pretrain patches.h5 --out runs/r50 --config resnet50_paper --gpus 1 --batch 4096 --chunk auto
+  simclr-path pretrain patches.h5 --out runs/cpu --config small --device cpu --nproc 2
 """
 )
 @click.argument("stores", nargs=-1, required=True)
@@ -31,21 +34,39 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to runs/NAME/tensorboard.")
+@click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes, NCCL).")
+@click.option("--nproc", type=int, default=None, help="Processes on this machine; with --device cpu uses gloo.")
+@click.option("--chunk", default=None, help="Gradient cache: views per chunk, or 'auto' (from free GPU memory).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image_size, workers, device, seed,
-             max_steps, checkpoint_every, compile_, tensorboard, quiet):
+             max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk, quiet):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
-    Prints one JSON summary line on stdout; progress and logs go to stderr.
+    --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
+    the environment. Prints one JSON summary line on stdout; progress and logs go to stderr.
     """
     from simclr_path.config import apply_overrides, load_config
-    from simclr_path.train import pretrain as run_pretrain
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.launch import run_pretrain
 
+    if gpus is not None and nproc is not None:
+        raise SimclrPathError("give --gpus or --nproc, not both")
+    if gpus is not None:
+        if device not in (None, "auto", "cuda"):
+            raise SimclrPathError(f"--gpus runs on CUDA; drop --device {device} or use --nproc")
+        device = "cuda"
+    if chunk is not None and chunk != "auto":
+        try:
+            chunk = int(chunk)
+        except ValueError:
+            raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, backbone=backbone,
                           pretrained=pretrained, image_size=image_size, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
-                          tensorboard=tensorboard or None)
-    _echo_json(run_pretrain(list(stores), out, cfg, progress=not quiet))
+                          tensorboard=tensorboard or None, chunk=chunk)
+    summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)
+    if summary is not None:  # rank 0 only
+        _echo_json(summary)
 
 
 @click.command(

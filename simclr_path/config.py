@@ -60,6 +60,7 @@ class RunConfig:
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     tensorboard: bool = False
+    chunk: int | str | None = None  # gradient cache: views per chunk, "auto" (CUDA), or None
 
 
 @dataclass
@@ -104,6 +105,8 @@ class PretrainConfig:
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
             (self.model.head_layers >= 1, f"head_layers must be >= 1, got {self.model.head_layers}"),
+            (r.chunk is None or r.chunk == "auto" or (isinstance(r.chunk, int) and r.chunk >= 1),
+             f"--chunk must be a number of views >= 1 or 'auto', got {r.chunk!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,7 +141,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "batch": "optim", "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
         "temperature": "optim", "backbone": "model", "pretrained": "model", "compile": "model",
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
-        "checkpoint_every": "run", "tensorboard": "run",
+        "checkpoint_every": "run", "tensorboard": "run", "chunk": "run",
     }
     for key, value in overrides.items():
         if value is None:

@@ -23,11 +23,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0, keeping the autograd graph."""
+    """Concatenate ``tensor`` from every rank along dim 0, keeping the autograd graph.
+
+    ``torch.distributed.nn.functional.all_gather``'s backward sums each rank's gradient for a
+    tensor back onto the rank that produced it (reduce-scatter on NCCL, all-to-all on gloo).
+    """
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of an API without gloo support
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
 class NTXentLoss(nn.Module):
@@ -59,8 +72,8 @@ class NTXentLoss(nn.Module):
         if z0.shape != z1.shape or z0.dim() != 2:
             raise ValueError(f"z0 and z1 must both be (B, D), got {tuple(z0.shape)} and {tuple(z1.shape)}")
         with torch.autocast(device_type=z0.device.type, enabled=False):
-            z0 = F.normalize(z0.float(), dim=1)
-            z1 = F.normalize(z1.float(), dim=1)
+            z0 = F.normalize(at_least_fp32(z0), dim=1)
+            z1 = F.normalize(at_least_fp32(z1), dim=1)
             batch = z0.shape[0]
             if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 all0, all1 = gather_with_grad(z0), gather_with_grad(z1)

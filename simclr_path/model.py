@@ -81,13 +81,14 @@ class SimCLRModel(nn.Module):
         head_hidden: hidden width of the head (default: the backbone's feature size, as in SimCLR).
         head_out: projection size (default 128).
         head_layers: depth of the head (default 3).
+        backbone_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
     def __init__(self, backbone: str, pretrained: str | None = None, head_hidden: int | None = None,
-                 head_out: int = 128, head_layers: int = 3):
+                 head_out: int = 128, head_layers: int = 3, **backbone_kwargs):
         super().__init__()
         self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, **backbone_kwargs)
         features = self.backbone.num_features
         self.head = ProjectionHead(features, head_hidden or features, head_out, head_layers)
 

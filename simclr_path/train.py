@@ -29,6 +29,7 @@ from .loss import NTXentLoss
 from .model import SimCLRModel, check_backbone_name
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .progress import log, stderr_console
+from .step import cached_loss_and_backward, choose_chunk, loss_and_backward
 from .store import PatchStore
 from .views import TwoViewDataset, normalize
 
@@ -147,7 +148,7 @@ class MetricsLog:
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, state: TrainState, cfg: PretrainConfig, device,
-                    stop_at: int, on_step) -> None:
+                    stop_at: int, chunk: int | None, on_step) -> None:
     """Train over the rest of this epoch, or until ``stop_at`` optimiser steps are done."""
     model.train()
     use_amp = cfg.run.amp and device.type == "cuda"
@@ -156,18 +157,17 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, state: TrainSt
         started = time.perf_counter()
         views = torch.cat([view0, view1]).to(device, non_blocking=True)
         views = normalize(views, cfg.views.mean, cfg.views.std).contiguous(memory_format=memory_format)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            z = model(views)
-        z0, z1 = z.float().chunk(2)
-        loss = loss_fn(z0, z1)
-        value = loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        if chunk is not None and chunk < views.shape[0]:
+            loss = cached_loss_and_backward(model, views, loss_fn, use_amp, chunk)
+        else:
+            loss = loss_and_backward(model, views, loss_fn, use_amp)
+        value = distributed.all_mean(loss.item(), device)  # the global-batch loss, same on every rank
         if not math.isfinite(value):
             raise SimclrPathError(
                 f"loss became {value} at step {state.step + 1}; stopped without saving, the last good "
                 f"checkpoint is kept - lower --lr or check the data, then rerun to resume"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         state.step += 1
         state.batch_in_epoch += 1
@@ -177,19 +177,34 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, state: TrainSt
             break
 
 
-def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = True) -> dict:
-    """Pretrain (or resume) a SimCLR model on ``stores``; returns the run summary."""
+def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
+    """Every check that needs no training: config, backbone name, batch split, the stores."""
     cfg.validate()
     check_backbone_name(cfg.model.backbone)
-    device = resolve_device(cfg.run.device)
-    world, rank = distributed.world_size(), distributed.rank()
     if cfg.optim.batch % world:
-        raise SimclrPathError(f"--batch {cfg.optim.batch} does not divide over {world} processes; use a multiple of {world}")
-    per_rank_batch = cfg.optim.batch // world
+        raise SimclrPathError(
+            f"--batch {cfg.optim.batch} does not divide over {world} processes; use a multiple of {world}"
+        )
     store = PatchStore(stores)
     _check_data(store, cfg, stores)
+    return store
+
+
+def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Pretrain (or resume) a SimCLR model on ``stores``; returns the run summary.
+
+    Runs in this process; when torch.distributed is initialised, as one rank of the group (see
+    :mod:`simclr_path.launch`).
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    store = preflight(stores, cfg, world)
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    per_rank_batch = cfg.optim.batch // world
     if distributed.is_main():
         _prepare_run_dir(out)
+    distributed.barrier()
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
     ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if ckpt is not None and ckpt["backbone"] != cfg.model.backbone:
@@ -208,7 +223,12 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch, cfg.optim.lr_scaling)
 
     model = SimCLRModel(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden, cfg.model.head_out,
-                        cfg.model.head_layers).to(device)
+                        cfg.model.head_layers)
+    if world > 1 and device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
+    model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff)
@@ -218,17 +238,18 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
         state = _restore(ckpt, model, optimizer, scheduler)
     else:
         scheduler.step_update(num_updates=0)
-    train_model = model
-    if cfg.model.compile:
-        train_model = torch.compile(model)
+    chunk = _resolve_chunk(cfg, model, device, 2 * per_rank_batch)
+    train_model = _wrap_for_training(model, cfg, device, world)
     loss_fn = NTXentLoss(cfg.optim.temperature, gather_distributed=True)
 
     main = distributed.is_main()
     if main:
         save_config(cfg, os.path.join(out, "config.yaml"))
-        log(f"{cfg.model.backbone} on {device}, {len(store)} patches, global batch {cfg.optim.batch} "
-            f"({loss_fn.negatives_per_anchor(cfg.optim.batch)} negatives per anchor), {steps_per_epoch} steps/epoch, "
-            f"lr {lr:.4g}" + (f", resuming at step {state.step}" if state.step else ""))
+        log(f"{cfg.model.backbone} on {world} x {device.type}, {len(store)} patches, global batch {cfg.optim.batch} "
+            f"= {world} x {per_rank_batch}: {loss_fn.negatives_per_anchor(cfg.optim.batch)} negatives per anchor, "
+            f"{steps_per_epoch} steps/epoch, lr {lr:.4g}"
+            + (f", gradient cache in chunks of {chunk} views" if chunk else "")
+            + (f", resuming at step {state.step}" if state.step else ""))
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), state.step) if main else None
     writer = _tensorboard(out) if main and cfg.run.tensorboard else None
     last_stop = cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps
@@ -276,7 +297,8 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
             sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * per_rank_batch)
             dataset.set_epoch(state.epoch)
             loader = build_loader(dataset, sampler, per_rank_batch, cfg.run.workers, device.type == "cuda")
-            train_one_epoch(train_model, loss_fn, loader, optimizer, scheduler, state, cfg, device, last_stop, on_step)
+            train_one_epoch(train_model, loss_fn, loader, optimizer, scheduler, state, cfg, device, last_stop, chunk,
+                            on_step)
             if state.batch_in_epoch >= steps_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         save()
@@ -307,6 +329,32 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
 
         plot_curves(metrics.records, os.path.join(out, "curves.png"))
     return summary
+
+
+def _resolve_chunk(cfg: PretrainConfig, model, device, views_per_rank: int) -> int | None:
+    """``--chunk``: None (whole batch at once), a number of views, or 'auto' (from free GPU memory)."""
+    chunk = cfg.run.chunk
+    if chunk is None:
+        return None
+    if chunk == "auto":
+        return choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.amp)
+    return int(chunk)
+
+
+def _wrap_for_training(model, cfg: PretrainConfig, device, world: int):
+    """DDP when distributed (batch norm already synchronised on CUDA), then torch.compile if asked."""
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":
+            model = DistributedDataParallel(model, device_ids=[device.index])
+        else:
+            if distributed.is_main():
+                log("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own batch")
+            model = DistributedDataParallel(model)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    return model
 
 
 def _store_meta(store: PatchStore) -> dict:

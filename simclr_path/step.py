@@ -1,0 +1,126 @@
+"""One SimCLR gradient computation: plain, or with a gradient cache for batches larger than memory.
+
+Gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"): the contrastive loss couples every embedding in the batch, but its gradient with
+respect to the parameters factors through the embeddings. So:
+
+1. embed the whole batch in chunks without autograd (no activations kept);
+2. compute NT-Xent on all embeddings and its gradient ``g`` with respect to them;
+3. recompute each chunk with autograd and backpropagate ``g[chunk]``.
+
+The parameter gradient equals the full-batch one. Documented difference: batch-norm batch
+statistics are per chunk. Running statistics are updated once (the first pass's updates are
+undone), and the RNG state of each chunk is replayed so dropout and stochastic depth draw the same
+masks in both passes. Under DDP, gradients are all-reduced once, on the last chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .loss import at_least_fp32
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp: bool) -> torch.Tensor:
+    """Forward all 2B views at once, NT-Xent, backward. Returns the detached loss."""
+    with _autocast(views.device, use_amp):
+        z = model(views)
+    z0, z1 = at_least_fp32(z).chunk(2)
+    loss = loss_fn(z0, z1)
+    loss.backward()
+    return loss.detach()
+
+
+def _bn_buffers(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats and module.training:
+            saved.append((module, {k: v.clone() for k, v in module.named_buffers(recurse=False)}))
+    return saved
+
+
+def _restore_bn(saved) -> None:
+    for module, buffers in saved:
+        for name, value in buffers.items():
+            getattr(module, name).copy_(value)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp: bool,
+                             chunk: int) -> torch.Tensor:
+    """Gradient-cache version of :func:`loss_and_backward` over chunks of ``chunk`` views."""
+    device = views.device
+    pieces = views.split(chunk)
+    rng_states, embeddings = [], []
+    bn_saved = _bn_buffers(model)
+    with torch.no_grad():
+        for piece in pieces:
+            rng_states.append(_rng_state(device))
+            with _autocast(device, use_amp):
+                embeddings.append(at_least_fp32(model(piece)))
+    _restore_bn(bn_saved)  # running stats: only the recompute pass below updates them
+    after_first_pass = _rng_state(device)
+
+    z = torch.cat(embeddings).requires_grad_(True)
+    z0, z1 = z.chunk(2)
+    loss = loss_fn(z0, z1)
+    loss.backward()
+    grads = z.grad.split(chunk)
+
+    no_sync = getattr(model, "no_sync", None)
+    for i, (piece, grad) in enumerate(zip(pieces, grads)):
+        last = i == len(pieces) - 1
+        context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with context:
+            _set_rng_state(rng_states[i], device)
+            with _autocast(device, use_amp):
+                out = at_least_fp32(model(piece))
+            out.backward(grad)
+    _set_rng_state(after_first_pass, device)
+    return loss.detach()
+
+
+def choose_chunk(model: nn.Module, image_size: int, views_per_rank: int, device: torch.device,
+                 use_amp: bool, memory_fraction: float = 0.7) -> int | None:
+    """Largest chunk (in views) whose activations fit in ``memory_fraction`` of free GPU memory.
+
+    Probes one forward+backward of 16 views to measure memory per view. Returns None when the
+    whole batch fits (no cache needed) or on the CPU.
+    """
+    if device.type != "cuda":
+        return None
+    probe = 16
+    bn_saved, rng = _bn_buffers(model), _rng_state(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.randn(probe, 3, image_size, image_size, device=device)
+    with _autocast(device, use_amp):
+        out = model(x).float()
+    out.pow(2).mean().backward()
+    per_view = (torch.cuda.max_memory_allocated(device) - base) / probe
+    model.zero_grad(set_to_none=True)
+    _restore_bn(bn_saved)
+    _set_rng_state(rng, device)
+    del x, out
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk = max(1, int(free * memory_fraction / max(per_view, 1)))
+    return None if chunk >= views_per_rank else chunk
