@@ -47,9 +47,10 @@ def cli():
 
 
 def _register():
-    from cli import tile_commands, train_commands
+    from cli import downstream_commands, tile_commands, train_commands
 
-    for command in (tile_commands.tile, tile_commands.info, tile_commands.coords, *train_commands.COMMANDS):
+    for command in (tile_commands.tile, tile_commands.info, tile_commands.coords, *train_commands.COMMANDS,
+                    *downstream_commands.COMMANDS):
         cli.add_command(command)
 
 

@@ -37,9 +37,11 @@ Examples:
 @click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes, NCCL).")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine; with --device cpu uses gloo.")
 @click.option("--chunk", default=None, help="Gradient cache: views per chunk, or 'auto' (from free GPU memory).")
+@click.option("--eval-labeled", default=None, help="Labelled patches (class folders, CSV, store) for a kNN check.")
+@click.option("--eval-every", type=int, default=None, help="Steps between kNN checks [default: 500].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image_size, workers, device, seed,
-             max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk, quiet):
+             max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk, eval_labeled, eval_every, quiet):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -63,7 +65,7 @@ def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, backbone=backbone,
                           pretrained=pretrained, image_size=image_size, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
-                          tensorboard=tensorboard or None, chunk=chunk)
+                          tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)
     if summary is not None:  # rank 0 only
         _echo_json(summary)

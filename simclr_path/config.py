@@ -61,6 +61,9 @@ class RunConfig:
     log_every: int = 10  # steps
     tensorboard: bool = False
     chunk: int | str | None = None  # gradient cache: views per chunk, "auto" (CUDA), or None
+    eval_labeled: str | None = None  # labelled patches for a kNN check during training
+    eval_every: int = 500  # steps between kNN checks
+    eval_max_per_class: int = 250  # patches per class used by the check
 
 
 @dataclass
@@ -104,6 +107,7 @@ class PretrainConfig:
             (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
+            (r.eval_every >= 1, f"--eval-every must be >= 1, got {r.eval_every}"),
             (self.model.head_layers >= 1, f"head_layers must be >= 1, got {self.model.head_layers}"),
             (r.chunk is None or r.chunk == "auto" or (isinstance(r.chunk, int) and r.chunk >= 1),
              f"--chunk must be a number of views >= 1 or 'auto', got {r.chunk!r}"),
@@ -141,7 +145,8 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "batch": "optim", "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
         "temperature": "optim", "backbone": "model", "pretrained": "model", "compile": "model",
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
-        "checkpoint_every": "run", "tensorboard": "run", "chunk": "run",
+        "checkpoint_every": "run", "tensorboard": "run", "chunk": "run", "eval_labeled": "run",
+        "eval_every": "run",
     }
     for key, value in overrides.items():
         if value is None:

@@ -7,8 +7,8 @@ Three ways a run becomes distributed, all through torch.distributed:
   ``torchrun --standalone`` uses), NCCL on CUDA, gloo on CPU;
 - under ``torchrun`` (any number of nodes) the environment already names RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and each process joins the group;
-- under SLURM's ``srun`` (one task per GPU) the same is read from SLURM_PROCID, SLURM_NTASKS,
-  SLURM_LOCALID, with the first node of the job as the master.
+- under SLURM's ``srun`` (one task per GPU) the same is read from SLURM_PROCID,
+  SLURM_STEP_NUM_TASKS, SLURM_LOCALID, with the first node of the job as the master.
 """
 
 from __future__ import annotations
@@ -66,13 +66,14 @@ def launched_externally() -> bool:
     """True under torchrun/elastic (RANK and WORLD_SIZE set) or inside a multi-task srun step."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"]) > 1
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    # SLURM_STEP_NUM_TASKS exists inside an srun step only, not in the batch script around it
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
 def _slurm_env() -> None:
     """Fill torch's variables from SLURM's for a plain ``srun`` (one task per process)."""
     os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_STEP_NUM_TASKS"])
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
@@ -90,7 +91,7 @@ def _slurm_env() -> None:
 
 def init_process_group(device_type: str) -> torch.device:
     """Join the process group named by the environment; returns this process's device."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+    if "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
         _slurm_env()
     backend = "nccl" if device_type == "cuda" else "gloo"
     device = torch.device("cpu")

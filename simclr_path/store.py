@@ -210,6 +210,17 @@ class PatchStore:
     def slide_names(self) -> list[str]:
         return [name for _, name in self._slides]
 
+    def slide_ranges(self) -> list[tuple[str, int, int]]:
+        """(slide name, first patch index, end index) of every slide with patches, in order."""
+        return [(name, self._offsets[i], self._offsets[i + 1]) for i, (_, name) in enumerate(self._slides)]
+
+    def slide_group(self, name: str) -> h5py.Group:
+        """The HDF5 group of slide ``name`` (coords and their attributes, labels, ...)."""
+        for i, (_, slide_name) in enumerate(self._slides):
+            if slide_name == name:
+                return self._group(i)
+        raise KeyError(name)
+
     def _locate(self, index: int) -> tuple[int, int]:
         if index < 0:
             index += len(self)

@@ -251,6 +251,12 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
             + (f", gradient cache in chunks of {chunk} views" if chunk else "")
             + (f", resuming at step {state.step}" if state.step else ""))
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), state.step) if main else None
+    knn = None
+    if main and cfg.run.eval_labeled:
+        from .evaluate import KnnMonitor
+
+        knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
+                         cfg.run.eval_max_per_class, cfg.run.seed)
     writer = _tensorboard(out) if main and cfg.run.tensorboard else None
     last_stop = cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps
     last_stop = min(last_stop, total_steps)
@@ -263,7 +269,8 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
 
     started = time.perf_counter()
     images_seen = 0
-    first_loss = metrics.records[0]["loss"] if metrics and metrics.records else None
+    logged_losses = [r["loss"] for r in metrics.records if "loss" in r] if metrics else []
+    first_loss = logged_losses[0] if logged_losses else None
     last_loss = None
     bar = _progress(progress and main, last_stop, state.step)
 
@@ -285,6 +292,12 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
             if writer is not None:
                 writer.add_scalar("loss", loss_value, state.step)
                 writer.add_scalar("lr", lr_now, state.step)
+        if knn is not None and (state.step % cfg.run.eval_every == 0 or state.step == last_stop):
+            accuracy = knn(model.backbone, device)
+            metrics.write({"step": state.step, "epoch": state.epoch, "knn_acc": round(accuracy, 4)})
+            if writer is not None:
+                writer.add_scalar("knn_acc", accuracy, state.step)
+            (bar.console.print if bar is not None else log)(f"step {state.step}: kNN accuracy {accuracy:.3f}")
         if state.step % cfg.run.checkpoint_every == 0:
             save()
 
@@ -320,7 +333,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
         "total_steps": total_steps,
         "epoch": state.epoch,
         "first_loss": first_loss,
-        "last_loss": last_loss if last_loss is not None else (metrics.records[-1]["loss"] if metrics and metrics.records else None),
+        "last_loss": last_loss if last_loss is not None else (logged_losses[-1] if logged_losses else None),
         "seconds": round(seconds, 2),
         "img_per_s": round(images_seen / seconds, 2) if seconds > 0 else 0.0,
     }

@@ -1,0 +1,86 @@
+"""``embed``, ``ingest`` and ``eval``: using the encoder."""
+
+from __future__ import annotations
+
+import click
+
+from cli.tile_commands import _echo_json
+
+
+@click.command(epilog="""\b
+Example:
+  simclr-path embed encoder.pt patches.h5 --out features/
+  -> features/h5_files/<slide>.h5, features/pt_files/<slide>.pt, features/features.h5
+""")
+@click.argument("encoder", type=click.Path(dir_okay=False))
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch", type=int, default=256, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+def embed(encoder, stores, out, device, batch, workers):
+    """Encoder features for every patch, per slide in CLAM's/TRIDENT's layout plus one combined h5."""
+    from simclr_path.embed import embed_stores
+
+    _echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers))
+
+
+@click.command(epilog="""\b
+Examples:
+  simclr-path ingest pcam/valid --out pcam-valid.h5 --mpp 0.97      # folder per class: labels kept
+  simclr-path ingest my_tiles/ --out tiles.h5 --size 224 --no-labels
+""")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="New patch store (.h5).")
+@click.option("--size", type=int, default=None, help="Resize every image to SIZE x SIZE [default: keep].")
+@click.option("--mpp", type=float, default=None, help="Microns per pixel of the images, if known.")
+@click.option("--labels/--no-labels", default=True, show_default=True, help="Keep top-level folder names as labels.")
+def ingest(folder, out, size, mpp, labels):
+    """Put a folder of patch images (png/jpg/tif, recursively) into a patch store."""
+    from simclr_path.ingest import ingest_folder
+
+    _echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp))
+
+
+@click.command("eval", epilog="""\b
+Examples:
+  simclr-path eval encoder.pt --labeled pcam/valid --test pcam/test
+  simclr-path eval encoder.pt --labeled labels.csv            # path,label[,split]
+  simclr-path eval encoder.pt --labeled tiles.h5 --test-fraction 0.3 --seed 1
+""")
+@click.argument("encoder", type=click.Path(dir_okay=False))
+@click.option("--labeled", required=True, help="Class folders, a path,label[,split] CSV, or a labelled store.")
+@click.option("--test", default=None, help="Held-out set in the same form [default: split --labeled].")
+@click.option("--test-fraction", type=float, default=0.3, show_default=True)
+@click.option("--max-per-class", type=int, default=None, help="Subsample each class (faster).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch", type=int, default=128, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--no-floor", is_flag=True, help="Skip the random-init floor.")
+def evaluate(encoder, labeled, test, test_fraction, max_per_class, seed, device, batch, workers, no_floor):
+    """kNN (k=20, cosine, weighted) and linear-probe accuracy of an encoder, vs a random-init floor.
+
+    One JSON line on stdout, a table on stderr.
+    """
+    from simclr_path.evaluate import evaluate_encoder
+    from simclr_path.progress import stderr_console
+
+    result = evaluate_encoder(encoder, labeled, test, test_fraction, seed, max_per_class, device, batch, workers,
+                              random_floor=not no_floor)
+    from rich.table import Table
+
+    table = Table(title=f"{result['timm_model']}: {result['n_train']} train / {result['n_test']} test patches")
+    table.add_column("encoder")
+    for column in ("kNN acc", "kNN bal. acc", "linear acc", "linear bal. acc"):
+        table.add_column(column, justify="right")
+    for name in ("pretrained", "random_init"):
+        if name in result:
+            r = result[name]
+            table.add_row(name, *(f"{r[k]:.3f}" for k in ("knn_acc", "knn_balanced_acc", "linear_acc",
+                                                           "linear_balanced_acc")))
+    stderr_console().print(table)
+    _echo_json(result)
+
+
+COMMANDS = [embed, ingest, evaluate]

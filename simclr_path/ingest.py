@@ -1,0 +1,123 @@
+"""``simclr-path ingest``: a folder of patch images (PCam, Kather CRC, a lab's own exports) into a
+patch store, so ``pretrain``, ``embed`` and ``eval`` take it like a tiled one.
+
+Images are found recursively (png, jpg, jpeg, tif, tiff). Each top-level subfolder becomes one
+group of the store (``/slides/<folder>``); when the folder names are classes (ImageFolder
+convention), each group also holds ``labels`` (int64 index into the root attribute
+``class_names``). Images already JPEG at the stored size keep their original bytes; the rest are
+decoded, resized with area interpolation (``--size``) and re-encoded. Coordinates have no meaning
+here and are -1; ``source_files`` holds each patch's path relative to the folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+from .codecs import create_pixel_dataset, encode_jpeg, write_patches
+from .errors import SimclrPathError
+from .store import SLIDES, StoreWriter
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def find_images(folder: str) -> dict[str, list[Path]]:
+    """Images under each top-level subfolder of ``folder`` (or under ``folder`` itself)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise SimclrPathError(f"{folder}: no such folder")
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not path.name.startswith("."):
+            relative = path.relative_to(root)
+            group = relative.parts[0] if len(relative.parts) > 1 else root.name
+            groups.setdefault(group, []).append(path)
+    if not groups:
+        raise SimclrPathError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return groups
+
+
+def read_image(path: Path) -> np.ndarray:
+    data = np.fromfile(str(path), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SimclrPathError(f"{path}: not a readable image; remove or re-export it")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _is_jpeg(path: Path) -> bool:
+    return path.suffix.lower() in (".jpg", ".jpeg")
+
+
+def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool = True, mpp: float | None = None,
+                  jpeg_quality: int = 90) -> dict:
+    """Write every image under ``folder`` into the store ``out``; returns a summary.
+
+    Args:
+        size: side of the stored patches; images of another size are resized (default: the
+            first image's size, and every image must then be square and that size).
+        labels: keep the top-level folder names as class labels.
+        mpp: microns per pixel of the images, if known (recorded; PCam is about 0.97).
+    """
+    groups = find_images(folder)
+    first = read_image(next(iter(groups.values()))[0])
+    if size is None:
+        if first.shape[0] != first.shape[1]:
+            raise SimclrPathError(f"{folder}: images are not square ({first.shape[1]}x{first.shape[0]}); pass --size")
+        size = first.shape[0]
+    if not 8 <= size <= 4096:
+        raise SimclrPathError(f"--size must be between 8 and 4096 pixels, got {size}")
+    if mpp is not None and not mpp > 0:
+        raise SimclrPathError(f"--mpp must be > 0, got {mpp}")
+    attrs = _spec_attrs(size, mpp, jpeg_quality)
+    class_names = sorted(groups) if labels else []
+    if os.path.exists(out):
+        raise SimclrPathError(f"{out}: already exists; ingest into a new --out")
+    writer = StoreWriter(out, attrs)
+    total = 0
+    try:
+        if class_names:
+            writer.file.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
+        for name in sorted(groups):
+            paths = groups[name]
+            group = writer.begin(name)
+            group.attrs.update({"source_path": os.path.abspath(os.path.join(folder, name)), "fingerprint": f"ingest:{name}",
+                                "mpp_source": "cli" if mpp else "none", "level0_mpp": mpp or float("nan"),
+                                "num_patches": len(paths)})
+            group.create_dataset("coords", data=np.full((len(paths), 2), -1, dtype=np.int64))
+            group.create_dataset("tissue_fraction", data=np.ones(len(paths), dtype=np.float32))
+            group.create_dataset("source_files", data=np.array([str(p.relative_to(folder)) for p in paths],
+                                                               dtype=h5py.string_dtype()))
+            if class_names:
+                group.create_dataset("labels", data=np.full(len(paths), class_names.index(name), dtype=np.int64))
+            dataset = create_pixel_dataset(group, "jpeg", len(paths), size)
+            for index, path in enumerate(paths):
+                write_patches(dataset, index, [_encoded(path, size, jpeg_quality)], "jpeg")
+            writer.commit(name)
+            total += len(paths)
+    except OSError as exc:
+        raise SimclrPathError(f"{out}: write failed ({exc.strerror or exc}); remove it and rerun") from None
+    finally:
+        writer.close()
+    return {"store": os.path.abspath(out), "patches": total, "groups": len(groups), "patch_size": size,
+            "classes": class_names}
+
+
+def _encoded(path: Path, size: int, quality: int) -> np.ndarray:
+    image = read_image(path)
+    if image.shape[:2] == (size, size) and _is_jpeg(path):
+        return np.fromfile(str(path), dtype=np.uint8)  # already what we would store: keep its bytes
+    if image.shape[:2] != (size, size):
+        shrink = image.shape[0] > size
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return encode_jpeg(image, quality)
+
+
+def _spec_attrs(size: int, mpp: float | None, quality: int) -> dict:
+    nan = float("nan")
+    return {"target_mpp": mpp or nan, "magnification": nan, "patch_size": size, "stride": nan, "min_tissue": 0.0,
+            "codec": "jpeg", "jpeg_quality": quality}
