@@ -19,7 +19,7 @@ from simclr_path.step import cached_loss_and_backward, loss_and_backward
 B, SIZE = 6, 32  # patches per rank, image side
 
 
-def make_model(backbone="resnet10t", **kwargs):
+def make_model(backbone="resnet18", **kwargs):
     torch.manual_seed(0)
     return SimCLRModel(backbone, head_out=16, **kwargs)
 
@@ -62,25 +62,32 @@ def flat(grads, keys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 5e-5), (torch.float64, 1e-12, 1e-11)])
+@pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
 def test_two_ranks_give_the_single_process_loss_and_gradient(tmp_path, dtype, global_tol, tensor_tol):
     # float64 shows the distributed loss is the same function exactly; float32 within rounding
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(out), dtype), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
 
-    model = make_model().eval().to(dtype)
-    view0, view1 = global_views()
-    loss = loss_and_backward(model, torch.cat([view0, view1]).to(dtype), NTXentLoss(0.1), use_amp=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels, so only the distribution differs
+    try:
+        model = make_model().eval().to(dtype)
+        view0, view1 = global_views()
+        loss = loss_and_backward(model, torch.cat([view0, view1]).to(dtype), NTXentLoss(0.1), use_amp=False)
+    finally:
+        torch.set_num_threads(threads)
     expected = grads_of(model)
     assert got["loss"] == pytest.approx(loss.item(), rel=global_tol)
     assert got["grads"].keys() == expected.keys() and len(expected) > 50
-    assert relative_error(flat(got["grads"], expected), flat(expected, expected)) < global_tol
+    overall = relative_error(flat(got["grads"], expected), flat(expected, expected))
     worst = max(relative_error(got["grads"][k], expected[k]) for k in expected)
+    print(f"{dtype}: relative gradient error {overall:.2e} overall, {worst:.2e} worst tensor")
+    assert overall < global_tol, overall
     assert worst < tensor_tol, worst
 
 
-@pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 5e-5), (torch.float64, 1e-12, 1e-11)])
+@pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
 def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_tol):
     views = torch.cat(global_views()).to(dtype)  # 24 views -> 4 chunks of 6
     plain = make_model().eval().to(dtype)
