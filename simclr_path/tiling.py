@@ -8,12 +8,12 @@ finished slide and the same command resumes where it stopped, skipping slides by
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-import multiprocessing
 
 import numpy as np
 
