@@ -235,6 +235,13 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     state = TrainState()
     if ckpt is not None:
+        saved_batch = ckpt["config"]["optim"]["batch"]
+        if ckpt.get("total_steps", total_steps) != total_steps or saved_batch != cfg.optim.batch:
+            raise SimclrPathError(
+                f"{ckpt_path}: this run was started with --batch {saved_batch} and {ckpt.get('total_steps')} "
+                f"scheduled steps ({ckpt['config']['optim']['epochs']} epochs); resume with the same --batch and "
+                "--epochs (only --max-steps may change) or use a new --out"
+            )
         state = _restore(ckpt, model, optimizer, scheduler)
     else:
         scheduler.step_update(num_updates=0)

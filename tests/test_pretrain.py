@@ -159,6 +159,7 @@ def test_empty_store_and_other_backbone_checkpoint(real_store, tmp_path):
     before = (run / "checkpoint.pt").read_bytes()
     assert_error(run_cli("pretrain", real_store, "--out", run, *TINY_ARGS, "--backbone", "resnet18"), "resnet10t", "new --out")
     assert (run / "checkpoint.pt").read_bytes() == before
+    assert_error(run_cli("pretrain", real_store, "--out", run, *TINY_ARGS, "--epochs", 7), "same --batch and --epochs")
     assert_error(run_cli("export", tmp_path / "nothing", tmp_path / "e.pt"), "nothing")
 
 
