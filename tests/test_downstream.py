@@ -85,7 +85,8 @@ def test_eval_reports_knn_and_linear_probe_against_random_floor(pcam, pcam_run):
     assert result["n_train"] == 300 and result["n_test"] == 300 and result["classes"] == ["0", "1"]
     for name in ("pretrained", "random_init"):
         scores = result[name]
-        assert set(scores) == {"knn_acc", "knn_balanced_acc", "linear_acc", "linear_balanced_acc"}
+        assert set(scores) == {"knn_acc", "knn_balanced_acc", "linear_acc", "linear_balanced_acc",
+                               "linear_weight_decay"}
         assert 0.55 < scores["knn_acc"] <= 1.0 and 0.55 < scores["linear_acc"] <= 1.0
     assert result["pretrained"] != result["random_init"]  # the floor is a different encoder
     assert "random_init" in r.stderr and "kNN acc" in r.stderr  # the table
