@@ -34,17 +34,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, steps: int, warmup: int, device) -> float:
+def time_steps(steps_to_time: list, steps: int, warmup: int, device) -> list[float]:
+    """Median seconds per call of each step function, calls interleaved so drift hits all alike."""
     for _ in range(warmup):
-        step()
+        for step in steps_to_time:
+            step()
     sync(device)
-    times = []
+    times = [[] for _ in steps_to_time]
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, step in enumerate(steps_to_time):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -107,9 +110,11 @@ def main():
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_simclr = time_steps(simclr_step, args.steps, args.warmup, device)
+    if args.skip_bare:
+        (t_simclr,), t_bare = time_steps([simclr_step], args.steps, args.warmup, device), None
+    else:
+        t_simclr, t_bare = time_steps([simclr_step, bare_step], args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    t_bare = None if args.skip_bare else time_steps(bare_step, args.steps, args.warmup, device)
     n = 2 * args.batch
     print(f"\n{args.backbone} @ {args.image_size}px, batch {args.batch} ({n} views), device {device}, amp={args.amp}, "
           f"channels_last={args.channels_last}, compile={args.compile}, chunk={chunk}, threads={torch.get_num_threads()}")
