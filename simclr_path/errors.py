@@ -14,3 +14,9 @@ class SimclrPathError(Exception):
 
 class SlideError(SimclrPathError):
     """One slide cannot be tiled; other slides in the same run carry on."""
+
+
+class StoppedBySignal(SimclrPathError):
+    """A run stopped cleanly on SIGTERM (scheduler pre-emption, ``scancel``) after checkpointing."""
+
+    exit_code = 143

@@ -8,6 +8,8 @@ global RNG, so building a loader does not disturb the model's random state.
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -40,6 +42,12 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to the training process, which checkpoints and then ends them
+    (a scheduler's ``scancel`` signals every process of the job, workers included)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset: TwoViewDataset, sampler: ResumableSampler, per_rank_batch: int, workers: int,
                  pin_memory: bool) -> DataLoader:
     generator = torch.Generator()
@@ -53,5 +61,6 @@ def build_loader(dataset: TwoViewDataset, sampler: ResumableSampler, per_rank_ba
         pin_memory=pin_memory,
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=_ignore_sigterm,
         prefetch_factor=4 if workers > 0 else None,
     )

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ import torch
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, strip_prefixes
 from .config import PretrainConfig, save_config
-from .errors import SimclrPathError
+from .errors import SimclrPathError, StoppedBySignal
 from .loader import ResumableSampler, build_loader
 from .loss import NTXentLoss
 from .model import SimCLRModel, check_backbone_name
@@ -41,6 +43,28 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    consistent: bool = True  # False while an optimiser step is half-applied
+    stop_requested: bool = False  # SIGTERM seen: finish this step, checkpoint, stop
+
+
+class _SigtermToStop:
+    """While active, SIGTERM asks the loop to stop after the current step instead of killing it."""
+
+    def __init__(self, state: TrainState):
+        self.state, self.previous = state, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.state.stop_requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,12 +192,18 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, state: TrainSt
                 f"loss became {value} at step {state.step + 1}; stopped without saving, the last good "
                 f"checkpoint is kept - lower --lr or check the data, then rerun to resume"
             )
+        state.consistent = False
         optimizer.step()
         state.step += 1
         state.batch_in_epoch += 1
         scheduler.step_update(num_updates=state.step)
+        state.consistent = True
         on_step(value, view0.shape[0] * 2 * distributed.world_size(), time.perf_counter() - started)
         if state.step >= stop_at:
+            break
+        # every rank stops at the same step when any one was asked to
+        if distributed.all_mean(float(state.stop_requested), device) > 0:
+            state.stop_requested = True
             break
 
 
@@ -313,15 +343,25 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     try:
         if bar is not None:
             bar.start()
-        while state.step < last_stop and state.epoch < cfg.optim.epochs:
-            sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * per_rank_batch)
-            dataset.set_epoch(state.epoch)
-            loader = build_loader(dataset, sampler, per_rank_batch, cfg.run.workers, device.type == "cuda")
-            train_one_epoch(train_model, loss_fn, loader, optimizer, scheduler, state, cfg, device, last_stop, chunk,
-                            on_step)
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        with _SigtermToStop(state):
+            while state.step < last_stop and state.epoch < cfg.optim.epochs and not state.stop_requested:
+                sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * per_rank_batch)
+                dataset.set_epoch(state.epoch)
+                loader = build_loader(dataset, sampler, per_rank_batch, cfg.run.workers, device.type == "cuda")
+                train_one_epoch(train_model, loss_fn, loader, optimizer, scheduler, state, cfg, device, last_stop,
+                                chunk, on_step)
+                if state.batch_in_epoch >= steps_per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         save()
+        if state.stop_requested:
+            raise StoppedBySignal(
+                f"stopped on SIGTERM after step {state.step}; checkpoint saved to {ckpt_path} - "
+                "rerun the same command to resume"
+            )
+    except KeyboardInterrupt:
+        if state.consistent and not distributed.is_distributed():
+            save()  # Ctrl-C between optimiser steps: keep the progress since the last checkpoint
+        raise
     finally:
         if bar is not None:
             bar.stop()

@@ -172,3 +172,33 @@ def test_pretrain_cli_prints_one_json_summary(real_store, tmp_path):
     assert summary["step"] == 2 and summary["global_batch"] == 32 and summary["negatives_per_anchor"] == 62
     saved = load_config(str(tmp_path / "run" / "config.yaml"))
     assert saved.model.backbone == "resnet10t" and saved.views.image_size == 64
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("model: {backbone: resnet10t, head_hidden: 64}\nviews: {image_size: 64}\n"
+                      "optim: {batch: 32, epochs: 20, warmup_epochs: 0}\n"
+                      "run: {device: cpu, workers: 2, log_every: 1, checkpoint_every: 1000}\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli", "pretrain", str(real_store), "--out", str(run), "--config", str(config), "-q"]
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):  # a step is done
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "stopped on SIGTERM after step" in stderr and "Traceback" not in stderr
+    step = load_checkpoint(str(run / "checkpoint.pt"))["step"]
+    assert step >= 1  # progress since the last scheduled checkpoint (none) was kept
+    r = subprocess.run(cmd + ["--max-steps", str(step + 1)], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at step {step}" in r.stderr
+    assert json.loads(r.stdout)["step"] == step + 1
