@@ -36,7 +36,7 @@ SHARED = ROOT.parent / "shared" / "data" / "slides"
 CMU = SHARED / "CMU-1-Small-Region.svs"
 
 from simclr_path import PatchStore  # noqa: E402
-from simclr_path.extract import plan_blocks, prepare_slide, split_runs  # noqa: E402
+from simclr_path.extract import plan_tasks, prepare_slide, split_runs  # noqa: E402
 from simclr_path.grid import TileSpec  # noqa: E402
 from simclr_path.slide import _read_argb  # noqa: E402
 
@@ -164,7 +164,7 @@ def decode_ceiling(slide_path: Path, sp, spec: TileSpec):
     openslide_slide = openslide.OpenSlide(str(slide_path))
     plan = sp.plan
     start = time.perf_counter()
-    for indices in plan_blocks(sp):
+    for indices in plan_tasks(sp):
         coords = sp.coords[indices]
         for run in split_runs(coords, plan.step_level * plan.level_downsample):
             level_xy = np.round(coords[run] / plan.level_downsample).astype(np.int64)

@@ -118,7 +118,7 @@ def write_preview(path: str, thumb: np.ndarray, mask: np.ndarray, mask_ds: float
         raise SlideError(f"{path}: cannot write the preview PNG; check --preview")
 
 
-def plan_blocks(sp: SlidePlan, max_run: int = RUN_PATCHES, max_task: int = TASK_PATCHES) -> list[np.ndarray]:
+def plan_tasks(sp: SlidePlan, max_run: int = RUN_PATCHES, max_task: int = TASK_PATCHES) -> list[np.ndarray]:
     """Group kept patches into tasks of row runs; each run is read as one strip.
 
     A run is a stretch of kept patches on consecutive grid columns of one row (at most
@@ -152,7 +152,7 @@ def split_runs(coords: np.ndarray, step_level0: float) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def read_block(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
+def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
     """Read each row run of ``coords`` as one strip, then cut, resize and encode its patches."""
     ds, size = plan.level_downsample, plan.read_size
     patches = []

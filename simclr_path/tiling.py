@@ -1,6 +1,6 @@
 """``simclr-path tile``: slides in, one resumable HDF5 patch store out.
 
-Worker processes plan slides and cut blocks of patches; this process is the only writer. Each slide
+Worker processes plan slides and cut tasks of patches; this process is the only writer. Each slide
 is staged and committed whole (see :mod:`simclr_path.store`), so an interrupted run keeps every
 finished slide and the same command resumes where it stopped, skipping slides by fingerprint.
 """
@@ -20,7 +20,7 @@ import numpy as np
 from .codecs import create_pixel_dataset, write_patches
 from .discover import slide_names
 from .errors import SimclrPathError, SlideError
-from .extract import SlidePlan, plan_blocks, prepare_slide, read_block
+from .extract import SlidePlan, plan_tasks, prepare_slide, read_task
 from .grid import TileSpec
 from .progress import Reporter
 from .slide import fingerprint
@@ -148,20 +148,20 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
     window = max(2, 2 * max(workers, 1))  # tasks in flight: bounds memory of pending results
     max_active = max(1, workers) + 1  # slides staged at once
     pending = deque(todo)
-    blocks: deque = deque()  # (active slide, indices into its kept patches)
+    tasks: deque = deque()  # (active slide, indices into its kept patches)
     inflight: dict[Future, tuple] = {}
     active: dict[str, _Active] = {}
-    first_block = None
+    first_task = None
     try:
-        while pending or blocks or inflight:
+        while pending or tasks or inflight:
             while len(inflight) < window:
-                if blocks:
-                    if first_block is None:
-                        first_block = time.perf_counter()
-                    slide, indices = blocks.popleft()
+                if tasks:
+                    if first_task is None:
+                        first_task = time.perf_counter()
+                    slide, indices = tasks.popleft()
                     if slide.failed:
                         continue
-                    fut = executor.submit(read_block, slide.path, slide.plan.plan, slide.plan.coords[indices], spec)
+                    fut = executor.submit(read_task, slide.path, slide.plan.plan, slide.plan.coords[indices], spec)
                     inflight[fut] = ("block", slide, indices)
                 elif pending and len(active) + _preparing(inflight) < max_active:
                     path, name = pending.popleft()
@@ -173,13 +173,13 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
             for fut in finished:
                 task = inflight.pop(fut)
                 if task[0] == "prepare":
-                    _on_prepared(fut, task[1], task[2], writer, spec, active, blocks, reporter, result)
+                    _on_prepared(fut, task[1], task[2], writer, spec, active, tasks, reporter, result)
                 else:
                     _on_block(fut, task[1], task[2], writer, spec, active, reporter, result)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-        if first_block is not None:
-            result.extract_seconds = time.perf_counter() - first_block
+        if first_task is not None:
+            result.extract_seconds = time.perf_counter() - first_task
 
 
 def _preparing(inflight) -> int:
@@ -192,7 +192,7 @@ def _fail(result, reporter, path: str, message: str) -> None:
     reporter.advance_slide()
 
 
-def _on_prepared(fut, path, name, writer, spec, active, blocks, reporter, result):
+def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result):
     try:
         sp: SlidePlan = fut.result()
     except SlideError as exc:
@@ -219,8 +219,8 @@ def _on_prepared(fut, path, name, writer, spec, active, blocks, reporter, result
     slide = _Active(path, name, sp, group, remaining=n)
     active[name] = slide
     reporter.add_patches(n)
-    for indices in plan_blocks(sp):
-        blocks.append((slide, indices))
+    for indices in plan_tasks(sp):
+        tasks.append((slide, indices))
 
 
 def _on_block(fut, slide: _Active, indices, writer, spec, active, reporter, result):
