@@ -20,7 +20,7 @@ import numpy as np
 from .codecs import create_pixel_dataset, write_patches
 from .discover import slide_names
 from .errors import SimclrPathError, SlideError
-from .extract import SlidePlan, plan_tasks, prepare_slide, read_task
+from .extract import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
 from .grid import TileSpec
 from .progress import Reporter
 from .slide import fingerprint
@@ -144,7 +144,8 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
     if workers == 0:
         executor = _InlineExecutor()
     else:
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=worker_init, initargs=(os.getpid(),))
     window = max(2, 2 * max(workers, 1))  # tasks in flight: bounds memory of pending results
     max_active = max(1, workers) + 1  # slides staged at once
     pending = deque(todo)
@@ -162,7 +163,7 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
                     if slide.failed:
                         continue
                     fut = executor.submit(read_task, slide.path, slide.plan.plan, slide.plan.coords[indices], spec)
-                    inflight[fut] = ("block", slide, indices)
+                    inflight[fut] = ("read", slide, indices)
                 elif pending and len(active) + _preparing(inflight) < max_active:
                     path, name = pending.popleft()
                     fut = executor.submit(prepare_slide, path, spec, fallback_mpp, mpp_table, preview_dir, name)
@@ -175,7 +176,7 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
                 if task[0] == "prepare":
                     _on_prepared(fut, task[1], task[2], writer, spec, active, tasks, reporter, result)
                 else:
-                    _on_block(fut, task[1], task[2], writer, spec, active, reporter, result)
+                    _on_read(fut, task[1], task[2], writer, spec, active, reporter, result)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         if first_task is not None:
@@ -223,7 +224,7 @@ def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result)
         tasks.append((slide, indices))
 
 
-def _on_block(fut, slide: _Active, indices, writer, spec, active, reporter, result):
+def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, result):
     if slide.failed:
         return
     try:

@@ -140,6 +140,29 @@ def read_all(path):
         return out
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     import signal
@@ -162,21 +185,28 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     full_size = reference.stat().st_size
     seen_partial = False
     for kill_at in (0.3, 0.6, None):  # kill once the store reaches this fraction of its final size
-        proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
+        log = tmp_path / "stderr.txt"
+        with open(log, "w") as stderr_file:
+            proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=stderr_file)
+        deadline, workers = time.time() + 120, []
         while proc.poll() is None and time.time() < deadline:
             if kill_at is not None and out.exists() and out.stat().st_size >= kill_at * full_size:
+                workers = children(proc.pid)
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
         proc.wait()
+        stderr = log.read_text()
+        time.sleep(0.5)
+        if kill_at is not None and proc.returncode == -signal.SIGKILL:
+            assert workers and not [pid for pid in workers if alive(pid)], "reader processes outlived kill -9"
         partial = read_all(out)  # readable after kill -9, every slide in it complete
         for name, (coords, patches, fractions) in partial.items():
             np.testing.assert_array_equal(coords, expected[name][0])
             assert patches == expected[name][1]
         if 0 < len(partial) < 6:
             seen_partial = True
-    assert proc.returncode == 0
+    assert proc.returncode == 0, stderr
     assert seen_partial, "no kill landed mid-run; make the slides larger"
     final = read_all(out)
     assert final.keys() == expected.keys()
