@@ -21,7 +21,7 @@ import torch
 
 from .errors import SimclrPathError
 from .features import extract_features
-from .store import PatchStore
+from .store import PatchStore, PatchSubset
 
 
 def _atomic_h5(path: str):
@@ -47,7 +47,7 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
         raise SimclrPathError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
     names, all_features, all_coords, slide_index = [], [], [], []
     for number, (name, start, end) in enumerate(store.slide_ranges()):
-        patches = _Range(store, start, end)
+        patches = PatchSubset(store, range(start, end))
         features = extract_features(model, patches, size, mean, std, dev, batch_size, workers, progress)
         group = store.slide_group(name)
         coords = group["coords"][()]
@@ -78,13 +78,3 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
     return {"out": os.path.abspath(out_dir), "slides": len(names), "patches": len(store), "feature_dim": int(dim),
             "timm_model": meta["timm_model"], "device": str(dev)}
 
-
-class _Range:
-    def __init__(self, store: PatchStore, start: int, end: int):
-        self.store, self.start, self.end = store, start, end
-
-    def __len__(self):
-        return self.end - self.start
-
-    def __getitem__(self, i):
-        return self.store[self.start + i]

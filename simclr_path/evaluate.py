@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .errors import SimclrPathError
 from .features import extract_features
 from .ingest import IMAGE_EXTENSIONS
+from .store import PatchStore, PatchSubset
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -38,17 +39,6 @@ class Labeled:
     labels: np.ndarray
     classes: list[str]
     splits: np.ndarray | None = None  # "train"/"test" per item, when the source says
-
-
-class _StoreSubset:
-    def __init__(self, store, indices):
-        self.store, self.indices = store, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.store[self.indices[i]]
 
 
 def load_labeled(source: str) -> Labeled:
@@ -88,21 +78,19 @@ def _load_csv(path: Path) -> Labeled:
 
 
 def _load_store(source: str) -> Labeled:
-    from .store import PatchStore
-
     store = PatchStore(source)
     names = store.attrs[0].get("class_names")
     if names is None:
         raise SimclrPathError(f"{source}: the store has no labels; ingest a class-folder tree with 'simclr-path ingest'")
     labels = np.array([store.label(i) for i in range(len(store))])
-    return Labeled(_StoreSubset(store, range(len(store))), labels, [str(n) for n in names])
+    return Labeled(PatchSubset(store, range(len(store))), labels, [str(n) for n in names])
 
 
 def subset(data: Labeled, indices) -> Labeled:
     indices = np.asarray(indices)
     images = data.images
-    if isinstance(images, _StoreSubset):
-        picked = _StoreSubset(images.store, [images.indices[i] for i in indices])
+    if isinstance(images, PatchSubset):
+        picked = PatchSubset(images.store, [images.indices[i] for i in indices])
     else:
         picked = [images[i] for i in indices]
     return Labeled(picked, data.labels[indices], data.classes,

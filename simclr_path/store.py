@@ -271,6 +271,19 @@ class PatchStore:
             pass
 
 
+class PatchSubset:
+    """Some patches of a :class:`PatchStore`, by index: ``subset[i]`` is ``store[indices[i]]``."""
+
+    def __init__(self, store: PatchStore, indices):
+        self.store, self.indices = store, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[self.indices[i]]
+
+
 def store_summary(paths: Iterable[str]) -> dict:
     """What ``simclr-path info`` prints: totals and one entry per slide."""
     out = {"stores": [], "total_patches": 0}
@@ -284,7 +297,7 @@ def store_summary(paths: Iterable[str]) -> dict:
                     {
                         "name": name,
                         "patches": int(g["coords"].shape[0]),
-                        "mpp": _jsonable(a.get("level0_mpp")),
+                        "mpp": jsonable(a.get("level0_mpp")),
                         "mpp_source": str(a.get("mpp_source")),
                         "patch_level": int(a.get("patch_level", 0)),
                         "source_path": str(a.get("source_path")),
@@ -296,8 +309,8 @@ def store_summary(paths: Iterable[str]) -> dict:
                     "path": str(path),
                     "patches": total,
                     "patch_size": int(f.attrs["patch_size"]),
-                    "target_mpp": _jsonable(f.attrs.get("target_mpp")),
-                    "magnification": _jsonable(f.attrs.get("magnification")),
+                    "target_mpp": jsonable(f.attrs.get("target_mpp")),
+                    "magnification": jsonable(f.attrs.get("magnification")),
                     "codec": str(f.attrs["codec"]),
                     "slides": slides,
                 }
@@ -306,7 +319,8 @@ def store_summary(paths: Iterable[str]) -> dict:
     return out
 
 
-def _jsonable(value):
+def jsonable(value):
+    """An HDF5 attribute as JSON: NaN (our "unknown") becomes None."""
     if value is None:
         return None
     value = float(value)

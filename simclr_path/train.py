@@ -32,7 +32,7 @@ from .model import SimCLRModel, check_backbone_name
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .progress import log, stderr_console
 from .step import cached_loss_and_backward, choose_chunk, loss_and_backward
-from .store import PatchStore
+from .store import PatchStore, jsonable
 from .views import TwoViewDataset, normalize
 
 
@@ -419,12 +419,10 @@ def _wrap_for_training(model, cfg: PretrainConfig, device, world: int):
 
 def _store_meta(store: PatchStore) -> dict:
     attrs = store.attrs[0]
-    mpp = float(attrs.get("target_mpp", float("nan")))
-    mag = float(attrs.get("magnification", float("nan")))
     return {
         "patch_size": store.patch_size,
-        "target_mpp": None if math.isnan(mpp) else mpp,
-        "magnification": None if math.isnan(mag) else mag,
+        "target_mpp": jsonable(attrs.get("target_mpp")),
+        "magnification": jsonable(attrs.get("magnification")),
         "patches": len(store),
     }
 
