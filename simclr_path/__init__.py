@@ -14,19 +14,19 @@ __all__ = ["PatchStore", "NTXentLoss", "load_encoder", "SimclrPathError", "__ver
 def __getattr__(name):
     # Lazy: `simclr-path tile` must not pay for importing torch.
     if name == "PatchStore":
-        from .store import PatchStore
+        from simclr_path.store import PatchStore
 
         return PatchStore
     if name == "NTXentLoss":
-        from .loss import NTXentLoss
+        from simclr_path.loss import NTXentLoss
 
         return NTXentLoss
     if name == "load_encoder":
-        from .export import load_encoder
+        from simclr_path.export import load_encoder
 
         return load_encoder
     if name == "SimclrPathError":
-        from .errors import SimclrPathError
+        from simclr_path.errors import SimclrPathError
 
         return SimclrPathError
     raise AttributeError(f"module 'simclr_path' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .errors import SimclrPathError
+from simclr_path.errors import SimclrPathError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SimclrPathError
-from .views import ViewConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.views import ViewConfig
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,12 +12,12 @@ import os
 import cv2
 import numpy as np
 
-from .config import apply_overrides, load_config
-from .export import export_encoder
-from .grid import TileSpec
-from .progress import Reporter, log
-from .tiling import tile_slides
-from .train import pretrain
+from simclr_path.config import apply_overrides, load_config
+from simclr_path.export import export_encoder
+from simclr_path.grid import TileSpec
+from simclr_path.progress import Reporter, log
+from simclr_path.tiling import tile_slides
+from simclr_path.train import pretrain
 
 DEMO_MPP = 0.25
 

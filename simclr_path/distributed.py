@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import SimclrPathError
+from simclr_path.errors import SimclrPathError
 
 #: How long a collective may wait for a missing rank before the run fails instead of hanging.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)

@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import SimclrPathError
-from .features import extract_features
-from .store import PatchStore, PatchSubset
+from simclr_path.errors import SimclrPathError
+from simclr_path.features import extract_features
+from simclr_path.store import PatchStore, PatchSubset
 
 
 def _atomic_h5(path: str):
@@ -30,8 +30,8 @@ def _atomic_h5(path: str):
 
 def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str = "auto", batch_size: int = 256,
                  workers: int = 2, progress=None) -> dict:
-    from .export import load_encoder
-    from .train import resolve_device
+    from simclr_path.export import load_encoder
+    from simclr_path.train import resolve_device
 
     dev = resolve_device(device)
     model, meta = load_encoder(encoder_path)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SimclrPathError
-from .features import extract_features
-from .ingest import IMAGE_EXTENSIONS
-from .store import PatchStore, PatchSubset
+from simclr_path.errors import SimclrPathError
+from simclr_path.features import extract_features
+from simclr_path.ingest import IMAGE_EXTENSIONS
+from simclr_path.store import PatchStore, PatchSubset
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -213,8 +213,8 @@ def evaluate_encoder(encoder_path: str, labeled: str, test: str | None = None, t
     """kNN and linear-probe scores of an exported encoder (and of a random-init floor)."""
     import timm
 
-    from .export import load_encoder
-    from .train import resolve_device
+    from simclr_path.export import load_encoder
+    from simclr_path.train import resolve_device
 
     if not 0 < test_fraction < 1:
         raise SimclrPathError(f"--test-fraction must be in (0, 1), got {test_fraction}")

@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from . import __version__
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
-from .errors import SimclrPathError
+from simclr_path import __version__
+from simclr_path.checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
+from simclr_path.errors import SimclrPathError
 
 ENCODER_FORMAT = "simclr-path encoder"
 BACKBONE_PREFIX = "backbone."

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from .ingest import read_image
-from .views import normalize
+from simclr_path.ingest import read_image
+from simclr_path.views import normalize
 
 
 class EncoderInputs(torch.utils.data.Dataset):

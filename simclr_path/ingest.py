@@ -18,9 +18,9 @@ import cv2
 import h5py
 import numpy as np
 
-from .codecs import create_pixel_dataset, encode_jpeg, write_patches
-from .errors import SimclrPathError
-from .store import SLIDES, StoreWriter
+from simclr_path.codecs import create_pixel_dataset, encode_jpeg, write_patches
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import SLIDES, StoreWriter
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

@@ -10,8 +10,8 @@ import os
 
 import h5py
 
-from .errors import SimclrPathError
-from .store import SLIDES, _open_h5, check_is_store
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import SLIDES, _open_h5, check_is_store
 
 
 def write_coords_files(store_paths: list[str], out_dir: str) -> list[str]:

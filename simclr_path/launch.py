@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import distributed
-from .config import PretrainConfig
-from .errors import SimclrPathError
-from .train import preflight, pretrain, resolve_device
+from simclr_path import distributed
+from simclr_path.config import PretrainConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.train import preflight, pretrain, resolve_device
 
 
 def run_pretrain(stores: list[str], out: str, cfg: PretrainConfig, nproc: int = 1, progress: bool = True) -> dict | None:

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import SimclrPathError
+from simclr_path.errors import SimclrPathError
 
 
 class ProjectionHead(nn.Sequential):

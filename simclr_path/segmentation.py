@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import SimclrPathError
-from .export import read_encoder
+from simclr_path.errors import SimclrPathError
+from simclr_path.export import read_encoder
 
 
 def smp_encoder_state(encoder_path: str, encoder: nn.Module) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SimclrPathError, SlideError
+from simclr_path.errors import SimclrPathError, SlideError
 
 # Extensions OpenSlide opens (vendor formats plus generic tiled TIFF and DICOM).
 SLIDE_EXTENSIONS = (

@@ -28,9 +28,9 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
-from . import __version__
-from .codecs import read_patch
-from .errors import SimclrPathError
+from simclr_path import __version__
+from simclr_path.codecs import read_patch
+from simclr_path.errors import SimclrPathError
 
 FORMAT = "simclr-path patch store"
 SCHEMA_VERSION = 1

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codecs import create_pixel_dataset, write_patches
-from .discover import slide_names
-from .errors import SimclrPathError, SlideError
-from .extract import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
-from .grid import TileSpec
-from .progress import Reporter
-from .slide import fingerprint
-from .store import StoreWriter
+from simclr_path.codecs import create_pixel_dataset, write_patches
+from simclr_path.discover import slide_names
+from simclr_path.errors import SimclrPathError, SlideError
+from simclr_path.extract import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
+from simclr_path.grid import TileSpec
+from simclr_path.progress import Reporter
+from simclr_path.slide import fingerprint
+from simclr_path.store import StoreWriter
 
 
 @dataclass

@@ -22,18 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, strip_prefixes
-from .config import PretrainConfig, save_config
-from .errors import SimclrPathError, StoppedBySignal
-from .loader import ResumableSampler, build_loader
-from .loss import NTXentLoss
-from .model import SimCLRModel, check_backbone_name
-from .optim import build_optimizer, build_scheduler, scaled_lr
-from .progress import log, stderr_console
-from .step import cached_loss_and_backward, choose_chunk, loss_and_backward
-from .store import PatchStore, jsonable
-from .views import TwoViewDataset, normalize
+from simclr_path import distributed
+from simclr_path.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, strip_prefixes
+from simclr_path.config import PretrainConfig, save_config
+from simclr_path.errors import SimclrPathError, StoppedBySignal
+from simclr_path.loader import ResumableSampler, build_loader
+from simclr_path.loss import NTXentLoss
+from simclr_path.model import SimCLRModel, check_backbone_name
+from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
+from simclr_path.progress import log, stderr_console
+from simclr_path.step import cached_loss_and_backward, choose_chunk, loss_and_backward
+from simclr_path.store import PatchStore, jsonable
+from simclr_path.views import TwoViewDataset, normalize
 
 
 @dataclass
@@ -290,7 +290,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), state.step) if main else None
     knn = None
     if main and cfg.run.eval_labeled:
-        from .evaluate import KnnMonitor
+        from simclr_path.evaluate import KnnMonitor
 
         knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
                          cfg.run.eval_max_per_class, cfg.run.seed)
@@ -385,7 +385,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
         "img_per_s": round(images_seen / seconds, 2) if seconds > 0 else 0.0,
     }
     if main:
-        from .plots import plot_curves
+        from simclr_path.plots import plot_curves
 
         plot_curves(metrics.records, os.path.join(out, "curves.png"))
     return summary
