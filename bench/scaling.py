@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simclr_path import distributed  # noqa: E402
+from simclr_path.runtime import distributed  # noqa: E402
 from simclr_path.loss import NTXentLoss  # noqa: E402
 from simclr_path.model import SimCLRModel  # noqa: E402
 from simclr_path.optim import build_optimizer  # noqa: E402

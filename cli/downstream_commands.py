@@ -64,7 +64,7 @@ def evaluate(encoder, labeled, test, test_fraction, max_per_class, seed, device,
     One JSON line on stdout, a table on stderr.
     """
     from simclr_path.evaluate import evaluate_encoder
-    from simclr_path.progress import stderr_console
+    from simclr_path.runtime.console import stderr_console
 
     result = evaluate_encoder(encoder, labeled, test, test_fraction, seed, max_per_class, device, batch, workers,
                               random_floor=not no_floor)

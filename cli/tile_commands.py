@@ -50,7 +50,7 @@ def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissu
     from simclr_path.discover import find_slides, parse_shard, take_shard
     from simclr_path.errors import SimclrPathError
     from simclr_path.grid import TileSpec
-    from simclr_path.progress import Reporter
+    from simclr_path.runtime.console import Reporter
     from simclr_path.slide import load_mpp_table
     from simclr_path.tiling import tile_slides
 

@@ -15,7 +15,7 @@ import numpy as np
 from simclr_path.config import apply_overrides, load_config
 from simclr_path.export import export_encoder
 from simclr_path.grid import TileSpec
-from simclr_path.progress import Reporter, log
+from simclr_path.runtime.console import Reporter, log
 from simclr_path.tiling import tile_slides
 from simclr_path.train import pretrain
 

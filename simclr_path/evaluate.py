@@ -214,7 +214,7 @@ def evaluate_encoder(encoder_path: str, labeled: str, test: str | None = None, t
     import timm
 
     from simclr_path.export import load_encoder
-    from simclr_path.train import resolve_device
+    from simclr_path.runtime.device import resolve_device
 
     if not 0 < test_fraction < 1:
         raise SimclrPathError(f"--test-fraction must be in (0, 1), got {test_fraction}")

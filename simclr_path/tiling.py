@@ -22,7 +22,7 @@ from simclr_path.discover import slide_names
 from simclr_path.errors import SimclrPathError, SlideError
 from simclr_path.extract import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
 from simclr_path.grid import TileSpec
-from simclr_path.progress import Reporter
+from simclr_path.runtime.console import Reporter
 from simclr_path.slide import fingerprint
 from simclr_path.store import StoreWriter
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simclr_path import distributed
+from simclr_path.runtime import distributed
 from simclr_path.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, strip_prefixes
 from simclr_path.config import PretrainConfig, save_config
 from simclr_path.errors import SimclrPathError, StoppedBySignal
@@ -30,7 +30,8 @@ from simclr_path.loader import ResumableSampler, build_loader
 from simclr_path.loss import NTXentLoss
 from simclr_path.model import SimCLRModel, check_backbone_name
 from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
-from simclr_path.progress import log, stderr_console
+from simclr_path.runtime.console import log, stderr_console
+from simclr_path.runtime.device import resolve_device
 from simclr_path.step import cached_loss_and_backward, choose_chunk, loss_and_backward
 from simclr_path.store import PatchStore, jsonable
 from simclr_path.views import TwoViewDataset, normalize
@@ -65,18 +66,6 @@ class _SigtermToStop:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SimclrPathError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SimclrPathError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def _prepare_run_dir(out: str) -> None:
