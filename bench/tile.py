@@ -36,9 +36,9 @@ SHARED = ROOT.parent / "shared" / "data" / "slides"
 CMU = SHARED / "CMU-1-Small-Region.svs"
 
 from simclr_path import PatchStore  # noqa: E402
-from simclr_path.extract import plan_tasks, prepare_slide, split_runs  # noqa: E402
-from simclr_path.grid import TileSpec  # noqa: E402
-from simclr_path.slide import _read_argb  # noqa: E402
+from simclr_path.wsi.tile_reader import plan_tasks, prepare_slide, split_runs  # noqa: E402
+from simclr_path.wsi.grid import TileSpec  # noqa: E402
+from simclr_path.wsi.slide import _read_argb  # noqa: E402
 
 
 def build_mosaic(path: Path, size: int, tile: int = 256, levels: int = 4) -> None:

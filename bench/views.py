@@ -85,8 +85,8 @@ def rate_loader(dataset, n: int, workers: int) -> float:
 
 
 def default_store(tmp: str) -> str:
-    from simclr_path.grid import TileSpec
-    from simclr_path.tiling import tile_slides
+    from simclr_path.wsi.grid import TileSpec
+    from simclr_path.wsi.tiler import tile_slides
 
     slide = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
     out = str(Path(tmp) / "views.h5")

@@ -28,8 +28,8 @@ def real_slides():
 @pytest.fixture(scope="session")
 def real_store(real_slides, tmp_path_factory):
     """A store tiled from the two H&E slides (TCGA needs its mpp given), 128 px at 0.5 um/px."""
-    from simclr_path.grid import TileSpec
-    from simclr_path.tiling import tile_slides
+    from simclr_path.wsi.grid import TileSpec
+    from simclr_path.wsi.tiler import tile_slides
 
     out = tmp_path_factory.mktemp("store") / "real.h5"
     result = tile_slides([str(CMU), str(TCGA)], str(out), TileSpec(target_mpp=0.5, patch_size=128, min_tissue=0.3),

@@ -148,7 +148,7 @@ def test_bad_inputs_are_one_line_errors(real_store, tmp_path):
 
 
 def test_empty_store_and_other_backbone_checkpoint(real_store, tmp_path):
-    from simclr_path.grid import TileSpec
+    from simclr_path.wsi.grid import TileSpec
     from simclr_path.store import StoreWriter
 
     empty = tmp_path / "empty.h5"

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from simclr_path import PatchStore
-from simclr_path.extract import read_patch_direct
-from simclr_path.grid import TileSpec, plan_patches
-from simclr_path.slide import read_meta
-from simclr_path.tiling import tile_slides
+from simclr_path.wsi.tile_reader import read_patch_direct
+from simclr_path.wsi.grid import TileSpec, plan_patches
+from simclr_path.wsi.slide import read_meta
+from simclr_path.wsi.tiler import tile_slides
 from synthetic import tissue_image, write_slide
 
 
@@ -296,7 +296,7 @@ def test_truncated_store_is_refused_by_readers(real_store, tmp_path):
 def test_disk_full_keeps_finished_slides(tmp_path, monkeypatch):
     import errno
 
-    from simclr_path import tiling
+    from simclr_path.wsi import tiler as tiling
     from simclr_path.errors import SimclrPathError
 
     slides = [write_slide(tmp_path / f"{n}.tif", tissue_image(1024, 1024, seed=i), levels=2) for i, n in enumerate("ab")]

@@ -16,9 +16,9 @@ import openslide
 
 from simclr_path.codecs import encode_patches
 from simclr_path.errors import SlideError
-from simclr_path.grid import PatchPlan, TileSpec, grid_coords, plan_patches
-from simclr_path.slide import SlideMeta, open_slide, read_meta, read_rgb
-from simclr_path.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
+from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
+from simclr_path.wsi.slide import SlideMeta, open_slide, read_meta, read_rgb
+from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 
 #: Longest row run read as one strip, and most patches in one worker task.
 RUN_PATCHES = 16

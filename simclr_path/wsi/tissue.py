@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from simclr_path.slide import read_rgb
+from simclr_path.wsi.slide import read_rgb
 
 #: Target bytes of one strip when building a thumbnail; keeps memory flat for any slide size.
 STRIP_BYTES = 64 << 20

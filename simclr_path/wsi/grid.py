@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from simclr_path.errors import SimclrPathError, SlideError
-from simclr_path.slide import MICRONS_AT_1X, SlideMeta
+from simclr_path.wsi.slide import MICRONS_AT_1X, SlideMeta
 
 #: A target finer than level 0 by less than this factor is read at level 0 and enlarged slightly
 #: (a "0.25 um/px" request on a 0.2527 um/px scanner); anything finer is refused as upsampling.

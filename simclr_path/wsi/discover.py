@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.slide import SLIDE_EXTENSIONS
+from simclr_path.wsi.slide import SLIDE_EXTENSIONS
 
 
 def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]:
