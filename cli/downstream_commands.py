@@ -37,7 +37,7 @@ Examples:
 @click.option("--labels/--no-labels", default=True, show_default=True, help="Keep top-level folder names as labels.")
 def ingest(folder, out, size, mpp, labels):
     """Put a folder of patch images (png/jpg/tif, recursively) into a patch store."""
-    from simclr_path.ingest import ingest_folder
+    from simclr_path.store.ingest import ingest_folder
 
     _echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp))
 

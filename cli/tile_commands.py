@@ -87,7 +87,7 @@ def info(stores):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for <slide>.h5 files.")
 def coords(stores, out):
     """Write per-slide coords-only h5 files that CLAM's and TRIDENT's extractors read."""
-    from simclr_path.interop import write_coords_files
+    from simclr_path.store.coords_files import write_coords_files
 
     written = write_coords_files(list(stores), out)
     _echo_json({"out": os.path.abspath(out), "files": len(written)})

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.features import extract_features
-from simclr_path.ingest import IMAGE_EXTENSIONS
+from simclr_path.store.ingest import IMAGE_EXTENSIONS
 from simclr_path.store import PatchStore, PatchSubset
 
 KNN_K = 20

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from simclr_path.ingest import read_image
+from simclr_path.store.ingest import read_image
 from simclr_path.views import normalize
 
 

@@ -33,7 +33,8 @@ from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
 from simclr_path.runtime.console import log, stderr_console
 from simclr_path.runtime.device import resolve_device
 from simclr_path.step import cached_loss_and_backward, choose_chunk, loss_and_backward
-from simclr_path.store import PatchStore, jsonable
+from simclr_path.store.format import jsonable
+from simclr_path.store.reader import PatchStore
 from simclr_path.views import TwoViewDataset, normalize
 
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import openslide
 
-from simclr_path.codecs import encode_patches
+from simclr_path.store.codecs import encode_patches
 from simclr_path.errors import SlideError
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.slide import SlideMeta, open_slide, read_meta, read_rgb

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simclr_path.codecs import create_pixel_dataset, write_patches
+from simclr_path.store.codecs import create_pixel_dataset, write_patches
 from simclr_path.wsi.discover import slide_names
 from simclr_path.errors import SimclrPathError, SlideError
 from simclr_path.wsi.tile_reader import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init

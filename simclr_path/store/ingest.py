@@ -18,9 +18,9 @@ import cv2
 import h5py
 import numpy as np
 
-from simclr_path.codecs import create_pixel_dataset, encode_jpeg, write_patches
+from simclr_path.store.codecs import create_pixel_dataset, encode_jpeg, write_patches
 from simclr_path.errors import SimclrPathError
-from simclr_path.store import SLIDES, StoreWriter
+from simclr_path.store.writer import StoreWriter
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

@@ -11,7 +11,7 @@ import os
 import h5py
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.store import SLIDES, _open_h5, check_is_store
+from simclr_path.store.format import SLIDES, check_is_store, open_h5
 
 
 def write_coords_files(store_paths: list[str], out_dir: str) -> list[str]:
@@ -22,7 +22,7 @@ def write_coords_files(store_paths: list[str], out_dir: str) -> list[str]:
         raise SimclrPathError(f"{out_dir}: cannot create the folder ({exc.strerror})") from None
     written = []
     for store_path in store_paths:
-        with _open_h5(store_path, "r") as f:
+        with open_h5(store_path, "r") as f:
             check_is_store(f, store_path)
             for name, group in f[SLIDES].items():
                 target = os.path.join(out_dir, f"{name}.h5")

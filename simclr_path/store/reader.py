@@ -1,0 +1,174 @@
+"""Reading patch stores: :class:`PatchStore` (random access over one or more stores),
+:class:`PatchSubset`, and the summary ``simclr-path info`` prints."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from simclr_path.errors import SimclrPathError
+from simclr_path.store.codecs import read_patch
+from simclr_path.store.format import SLIDES, check_is_store, jsonable, open_h5
+
+
+class PatchStore:
+    """Random access to patches in one or more stores, as a map-style dataset.
+
+    ``len(store)`` counts patches over all stores; ``store[i]`` is an HxWx3 uint8 RGB array;
+    ``store.coords(i)`` is ``(slide_name, x, y)`` in level-0 pixels. HDF5 handles are opened lazily
+    in each process, so a ``PatchStore`` can be handed to ``DataLoader`` workers.
+
+    Args:
+        paths: one store path or several; several are concatenated in the order given.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [str(p) for p in paths]
+        if not self.paths:
+            raise SimclrPathError("no patch store given")
+        self._slides: list[tuple[int, str]] = []  # (path index, slide name)
+        self._offsets: list[int] = [0]  # cumulative patch counts
+        self.codecs: list[str] = []
+        self.labels: list[np.ndarray | None] = []
+        self.attrs: list[dict] = []
+        for path_index, path in enumerate(self.paths):
+            with open_h5(path, "r") as f:
+                check_is_store(f, path)
+                self.attrs.append(dict(f.attrs))
+                self.codecs.append(str(f.attrs["codec"]))
+                for name, group in f[SLIDES].items():
+                    n = int(group["coords"].shape[0])
+                    if n == 0:
+                        continue
+                    self._slides.append((path_index, name))
+                    self._offsets.append(self._offsets[-1] + n)
+        self.patch_size = int(self.attrs[0]["patch_size"])
+        for path, attrs in zip(self.paths, self.attrs):
+            if int(attrs["patch_size"]) != self.patch_size:
+                raise SimclrPathError(
+                    f"{path}: patch size {attrs['patch_size']} differs from {self.patch_size} "
+                    f"in {self.paths[0]}; re-tile so all stores share one patch size"
+                )
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    @property
+    def slide_names(self) -> list[str]:
+        return [name for _, name in self._slides]
+
+    def slide_ranges(self) -> list[tuple[str, int, int]]:
+        """(slide name, first patch index, end index) of every slide with patches, in order."""
+        return [(name, self._offsets[i], self._offsets[i + 1]) for i, (_, name) in enumerate(self._slides)]
+
+    def slide_group(self, name: str) -> h5py.Group:
+        """The HDF5 group of slide ``name`` (coords and their attributes, labels, ...)."""
+        for i, (_, slide_name) in enumerate(self._slides):
+            if slide_name == name:
+                return self._group(i)
+        raise KeyError(name)
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"patch index {index} out of range for {len(self)} patches")
+        slide = bisect.bisect_right(self._offsets, index) - 1
+        return slide, index - self._offsets[slide]
+
+    def _group(self, slide: int) -> h5py.Group:
+        if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles
+            self._files, self._pid = {}, os.getpid()
+        path_index, name = self._slides[slide]
+        f = self._files.get(path_index)
+        if f is None:
+            f = self._files[path_index] = open_h5(self.paths[path_index], "r")
+        return f[SLIDES][name]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        slide, local = self._locate(int(index))
+        codec = self.codecs[self._slides[slide][0]]
+        return read_patch(self._group(slide)["patches"], local, codec)
+
+    def coords(self, index: int) -> tuple[str, int, int]:
+        slide, local = self._locate(int(index))
+        x, y = self._group(slide)["coords"][local]
+        return self._slides[slide][1], int(x), int(y)
+
+    def label(self, index: int) -> int:
+        """Class label of a patch from an ingested labelled folder; -1 when unlabelled."""
+        slide, local = self._locate(int(index))
+        group = self._group(slide)
+        return int(group["labels"][local]) if "labels" in group else -1
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class PatchSubset:
+    """Some patches of a :class:`PatchStore`, by index: ``subset[i]`` is ``store[indices[i]]``."""
+
+    def __init__(self, store: PatchStore, indices):
+        self.store, self.indices = store, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[self.indices[i]]
+
+
+def store_summary(paths: Iterable[str]) -> dict:
+    """What ``simclr-path info`` prints: totals and one entry per slide."""
+    out = {"stores": [], "total_patches": 0}
+    for path in paths:
+        with open_h5(str(path), "r") as f:
+            check_is_store(f, str(path))
+            slides = []
+            for name, g in f[SLIDES].items():
+                a = g.attrs
+                slides.append(
+                    {
+                        "name": name,
+                        "patches": int(g["coords"].shape[0]),
+                        "mpp": jsonable(a.get("level0_mpp")),
+                        "mpp_source": str(a.get("mpp_source")),
+                        "patch_level": int(a.get("patch_level", 0)),
+                        "source_path": str(a.get("source_path")),
+                    }
+                )
+            total = sum(s["patches"] for s in slides)
+            out["stores"].append(
+                {
+                    "path": str(path),
+                    "patches": total,
+                    "patch_size": int(f.attrs["patch_size"]),
+                    "target_mpp": jsonable(f.attrs.get("target_mpp")),
+                    "magnification": jsonable(f.attrs.get("magnification")),
+                    "codec": str(f.attrs["codec"]),
+                    "slides": slides,
+                }
+            )
+            out["total_patches"] += total
+    return out

@@ -1,0 +1,105 @@
+"""Writing a patch store: atomic creation, then complete slides appended one at a time.
+
+A slide is written under ``/_staging`` and moved to ``/slides`` in one small metadata operation
+followed by a flush, so a reader sees a slide complete or not at all. The HDF5 file is created
+atomically (temporary file, then rename), so an interrupted first run never leaves a file that is
+not a store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from simclr_path import __version__
+from simclr_path.errors import SimclrPathError
+from simclr_path.store.format import FORMAT, SCHEMA_VERSION, SLIDES, SPEC_KEYS, STAGING, check_is_store, open_h5
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+class StoreWriter:
+    """Appends complete slides to a store; one writer per file (the tiling process)."""
+
+    def __init__(self, path: str | os.PathLike, spec_attrs: dict):
+        self.path = str(path)
+        parent = Path(self.path).resolve().parent
+        if not parent.is_dir():
+            raise SimclrPathError(f"{self.path}: folder {parent} does not exist; create it first")
+        if os.path.exists(self.path):
+            with open_h5(self.path, "r") as f:  # look before writing: never touch a foreign file
+                check_is_store(f, self.path)
+                self._check_spec(f, spec_attrs)
+        else:
+            self._create(spec_attrs)
+        self.file = open_h5(self.path, "a")
+        if STAGING in self.file:  # left by an interrupted run
+            del self.file[STAGING]
+        self.file.require_group(STAGING)
+        self.file.flush()
+
+    def _create(self, spec_attrs: dict) -> None:
+        tmp = f"{self.path}.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["tool_version"] = __version__
+                for key, value in spec_attrs.items():
+                    f.attrs[key] = value
+                f.create_group(SLIDES)
+            os.replace(tmp, self.path)
+        except PermissionError:
+            raise SimclrPathError(f"{self.path}: permission denied; choose an --out you can write") from None
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise SimclrPathError(f"{self.path}: cannot create the store ({exc.strerror or exc})") from None
+
+    def _check_spec(self, f: h5py.File, spec_attrs: dict) -> None:
+        for key in SPEC_KEYS:
+            have, want = f.attrs.get(key), spec_attrs.get(key)
+            if have is not None and want is not None and not _same(have, want):
+                raise SimclrPathError(
+                    f"{self.path}: this store was tiled with {key}={have}, not {want}; "
+                    "use the same options or a new --out"
+                )
+
+    def completed(self) -> dict[str, str]:
+        """Fingerprint -> slide name of every complete slide."""
+        return {g.attrs["fingerprint"]: name for name, g in self.file[SLIDES].items()}
+
+    def names(self) -> set[str]:
+        return set(self.file[SLIDES].keys())
+
+    def begin(self, name: str) -> h5py.Group:
+        staging = self.file[STAGING]
+        if name in staging:
+            del staging[name]
+        return staging.create_group(name)
+
+    def commit(self, name: str) -> None:
+        # First make the staged slide durable (datasets, variable-length heaps), then publish it
+        # with one small metadata change. Flushing only after the move could write the new link
+        # before the data it points to.
+        self.file.flush()
+        self.file.move(f"{STAGING}/{name}", f"{SLIDES}/{name}")
+        self.file.flush()
+
+    def discard(self, name: str) -> None:
+        if name in self.file[STAGING]:
+            del self.file[STAGING][name]
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            if STAGING in self.file:
+                del self.file[STAGING]
+            self.file.close()
