@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simclr_path.runtime import distributed  # noqa: E402
-from simclr_path.loss import NTXentLoss  # noqa: E402
-from simclr_path.model import SimCLRModel  # noqa: E402
+from simclr_path.losses import NTXentLoss  # noqa: E402
+from simclr_path.models import SimCLRModel  # noqa: E402
 from simclr_path.optim import build_optimizer  # noqa: E402
 from simclr_path.step import cached_loss_and_backward, loss_and_backward  # noqa: E402
 

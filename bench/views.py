@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simclr_path import PatchStore  # noqa: E402
-from simclr_path.views import IMAGENET_MEAN, IMAGENET_STD, TwoViewDataset, ViewConfig  # noqa: E402
+from simclr_path.data.datasets import TwoViewDataset  # noqa: E402
+from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from simclr_path.data.views import ViewConfig  # noqa: E402
 
 
 class RandomRotate90:

@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return PatchStore
     if name == "NTXentLoss":
-        from simclr_path.loss import NTXentLoss
+        from simclr_path.losses import NTXentLoss
 
         return NTXentLoss
     if name == "load_encoder":

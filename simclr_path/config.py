@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.views import ViewConfig
+from simclr_path.data.views import ViewConfig
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 

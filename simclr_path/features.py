@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from simclr_path.store.ingest import read_image
-from simclr_path.views import normalize
+from simclr_path.data.normalize import normalize
 
 
 class EncoderInputs(torch.utils.data.Dataset):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simclr_path.loss import at_least_fp32
+from simclr_path.losses import at_least_fp32
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -26,16 +26,17 @@ from simclr_path.runtime import distributed
 from simclr_path.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, strip_prefixes
 from simclr_path.config import PretrainConfig, save_config
 from simclr_path.errors import SimclrPathError, StoppedBySignal
-from simclr_path.loader import ResumableSampler, build_loader
-from simclr_path.loss import NTXentLoss
-from simclr_path.model import SimCLRModel, check_backbone_name
+from simclr_path.data.loader import ResumableSampler, build_loader
+from simclr_path.losses import NTXentLoss
+from simclr_path.models import SimCLRModel, check_backbone_name
 from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
 from simclr_path.runtime.console import log, stderr_console
 from simclr_path.runtime.device import resolve_device
 from simclr_path.step import cached_loss_and_backward, choose_chunk, loss_and_backward
 from simclr_path.store.format import jsonable
 from simclr_path.store.reader import PatchStore
-from simclr_path.views import TwoViewDataset, normalize
+from simclr_path.data.datasets import TwoViewDataset
+from simclr_path.data.normalize import normalize
 
 
 @dataclass

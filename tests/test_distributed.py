@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from simclr_path.checkpoint import load_checkpoint
-from simclr_path.loss import NTXentLoss
-from simclr_path.model import SimCLRModel
+from simclr_path.losses import NTXentLoss
+from simclr_path.models import SimCLRModel
 from simclr_path.step import cached_loss_and_backward, loss_and_backward
 
 B, SIZE = 6, 32  # patches per rank, image side

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_path import NTXentLoss
-from simclr_path.model import SimCLRModel
+from simclr_path.models import SimCLRModel
 from simclr_path.optim import build_optimizer, build_scheduler, param_groups
 
 

@@ -15,7 +15,7 @@ from simclr_path import PatchStore, load_encoder
 from simclr_path.checkpoint import load_checkpoint
 from simclr_path.config import PretrainConfig, apply_overrides, load_config
 from simclr_path.errors import SimclrPathError
-from simclr_path.model import SimCLRModel
+from simclr_path.models import SimCLRModel
 from simclr_path.train import pretrain
 
 TINY = dict(backbone="resnet10t", batch=32, image_size=64, workers=2, device="cpu")

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 import albumentations as A
 import cv2
-import numpy as np
-import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass
@@ -86,46 +83,3 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed that depends only on the run seed, the epoch and the patch index."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
-
-
-class TwoViewDataset(torch.utils.data.Dataset):
-    """Each item is two independently augmented uint8 views (3, S, S) of the same patch.
-
-    Args:
-        store: a :class:`~simclr_path.PatchStore` (or any sequence of HxWx3 uint8 arrays).
-        cfg: augmentation settings.
-        seed: run seed; call :meth:`set_epoch` so every epoch draws fresh views.
-    """
-
-    def __init__(self, store, cfg: ViewConfig, seed: int = 0):
-        self.store = store
-        self.cfg = cfg
-        self.seed = seed
-        self.epoch = 0
-        self._transform: A.Compose | None = None  # built lazily in each worker
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, index: int):
-        if self._transform is None:
-            self._transform = build_transform(self.cfg)
-        image = self.store[index]
-        self._transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
-        views = [self._transform(image=image)["image"] for _ in range(2)]
-        return tuple(torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for v in views)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_transform"] = None
-        return state
-
-
-def normalize(views: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, scaled to [0, 1] and standardised; runs on the views' device."""
-    mean = torch.as_tensor(mean, device=views.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=views.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (views.float().div_(255.0) - mean) / std

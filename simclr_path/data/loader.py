@@ -13,7 +13,7 @@ import signal
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from simclr_path.views import TwoViewDataset
+from simclr_path.data.datasets import TwoViewDataset
 
 
 class ResumableSampler(DistributedSampler):
