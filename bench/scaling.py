@@ -27,7 +27,7 @@ from simclr_path.runtime import distributed  # noqa: E402
 from simclr_path.losses import NTXentLoss  # noqa: E402
 from simclr_path.models import SimCLRModel  # noqa: E402
 from simclr_path.optim import build_optimizer  # noqa: E402
-from simclr_path.step import cached_loss_and_backward, loss_and_backward  # noqa: E402
+from simclr_path.engine.gradients import cached_loss_and_backward, loss_and_backward  # noqa: E402
 
 
 def timed_steps(model, views, chunk, steps, warmup):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from simclr_path.losses import NTXentLoss  # noqa: E402
 from simclr_path.models import SimCLRModel, create_backbone  # noqa: E402
 from simclr_path.optim import build_optimizer, build_scheduler  # noqa: E402
-from simclr_path.step import cached_loss_and_backward, choose_chunk  # noqa: E402
+from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk  # noqa: E402
 from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 
 

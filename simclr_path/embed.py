@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.features import extract_features
+from simclr_path.engine.features import extract_features
 from simclr_path.store import PatchStore, PatchSubset
 
 

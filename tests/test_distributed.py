@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 from cli.main import cli
-from simclr_path.checkpoint import load_checkpoint
+from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.losses import NTXentLoss
 from simclr_path.models import SimCLRModel
-from simclr_path.step import cached_loss_and_backward, loss_and_backward
+from simclr_path.engine.gradients import cached_loss_and_backward, loss_and_backward
 
 B, SIZE = 6, 32  # patches per rank, image side
 

@@ -13,7 +13,7 @@ from cli.main import cli
 from conftest import PCAM
 from simclr_path import PatchStore, load_encoder
 from simclr_path.evaluate import accuracy, knn_predict
-from simclr_path.features import EncoderInputs
+from simclr_path.engine.features import EncoderInputs
 
 
 def run_cli(*args):

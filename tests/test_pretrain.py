@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from simclr_path import PatchStore, load_encoder
-from simclr_path.checkpoint import load_checkpoint
-from simclr_path.config import PretrainConfig, apply_overrides, load_config
+from simclr_path.engine.checkpoint import load_checkpoint
+from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
 from simclr_path.errors import SimclrPathError
 from simclr_path.models import SimCLRModel
-from simclr_path.train import pretrain
+from simclr_path.engine.pretrain import pretrain
 
 TINY = dict(backbone="resnet10t", batch=32, image_size=64, workers=2, device="cpu")
 
@@ -63,7 +63,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(real_store, tmp_path
 
 
 def test_resume_after_a_crash_uses_the_last_checkpoint(real_store, tmp_path, monkeypatch):
-    from simclr_path import train
+    from simclr_path.engine import pretrain as train
 
     run = str(tmp_path / "run")
     reference = str(tmp_path / "reference")

@@ -17,7 +17,7 @@ import yaml
 from simclr_path.errors import SimclrPathError
 from simclr_path.data.views import ViewConfig
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""What a run reports: metrics.jsonl, TensorBoard, the progress bar on stderr and curves.png."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from simclr_path.engine.curves import plot_curves
+from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.console import log, stderr_console
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        kept = []
+        if os.path.exists(path):
+            with open(path) as fh:
+                for line in fh:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line)
+                    except (ValueError, KeyError):
+                        pass
+        self.records = [json.loads(line) for line in kept]
+        with open(path, "w") as fh:
+            fh.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class TrainingLog:
+    """Per-step reporting of the training loop (rank 0 writes files; every rank counts).
+
+    Keeps the first and last loss and the images seen, updates the progress bar, and writes a
+    metrics record every ``log_every`` steps (and at the first and last step).
+    """
+
+    def __init__(self, out: str, resume_step: int, last_step: int, log_every: int, write: bool, progress: bool,
+                 tensorboard: bool):
+        self.last_step, self.log_every, self.write_files = last_step, log_every, write
+        self.metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step) if write else None
+        self.writer = _tensorboard(out) if write and tensorboard else None
+        logged = [r["loss"] for r in self.metrics.records if "loss" in r] if self.metrics else []
+        self.first_loss = logged[0] if logged else None
+        self.previous_last_loss = logged[-1] if logged else None
+        self.last_loss = None
+        self.images_seen = 0
+        self.bar = _progress_bar(progress and write)
+        self.task = None
+        self.resume_step = resume_step
+        self.out = out
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.task = self.bar.add_task("pretrain", total=self.last_step, completed=self.resume_step, loss="",
+                                          lr="", rate="", epoch=0)
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        if self.writer is not None:
+            self.writer.close()
+        return False
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, images: int, seconds: float) -> None:
+        self.images_seen += images
+        self.last_loss = loss
+        if self.first_loss is None:
+            self.first_loss = loss
+        rate = images / max(seconds, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.3g}", rate=f"{rate:,.0f} img/s",
+                            epoch=epoch)
+        if self.write_files and (step % self.log_every == 0 or step == 1 or step == self.last_step):
+            self.metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_per_s": round(rate, 2)})
+            if self.writer is not None:
+                self.writer.add_scalar("loss", loss, step)
+                self.writer.add_scalar("lr", lr, step)
+
+    def knn(self, step: int, epoch: int, accuracy: float) -> None:
+        self.metrics.write({"step": step, "epoch": epoch, "knn_acc": round(accuracy, 4)})
+        if self.writer is not None:
+            self.writer.add_scalar("knn_acc", accuracy, step)
+        (self.bar.console.print if self.bar is not None else log)(f"step {step}: kNN accuracy {accuracy:.3f}")
+
+    def final_loss(self) -> float | None:
+        return self.last_loss if self.last_loss is not None else self.previous_last_loss
+
+    def plot(self) -> None:
+        if self.write_files:
+            plot_curves(self.metrics.records, os.path.join(self.out, "curves.png"))
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SimclrPathError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def _progress_bar(enabled: bool):
+    if not enabled or not stderr_console().is_terminal:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+    )

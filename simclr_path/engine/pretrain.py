@@ -1,0 +1,354 @@
+"""The SimCLR pretraining loop, read top to bottom: ``train_one_epoch``, ``evaluate``, ``pretrain``.
+
+``pretrain`` is the main function: :func:`build_run` sets everything up (data, model, optimiser,
+schedule), :func:`resume` restores a checkpoint into it, the loop calls :func:`train_one_epoch`
+until the schedule or ``max_steps`` ends, and :func:`summarize` makes the JSON summary.
+
+Run folder::
+
+    runs/NAME/config.yaml        resolved config
+    runs/NAME/checkpoint.pt      latest checkpoint (atomic); rerunning the same command resumes
+    runs/NAME/metrics.jsonl      one JSON object per logged step
+    runs/NAME/curves.png         loss and learning rate at the end
+    runs/NAME/tensorboard/       with --tensorboard
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from simclr_path.data.datasets import TwoViewDataset
+from simclr_path.data.loader import ResumableSampler, build_loader
+from simclr_path.data.normalize import normalize
+from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from simclr_path.engine.config import PretrainConfig, save_config
+from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk, loss_and_backward
+from simclr_path.engine.metrics import TrainingLog
+from simclr_path.engine.state import StopOnSigterm, TrainState, checkpoint_contents, restore_checkpoint
+from simclr_path.errors import SimclrPathError, StoppedBySignal
+from simclr_path.losses import NTXentLoss
+from simclr_path.models import SimCLRModel, check_backbone_name
+from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
+from simclr_path.runtime import distributed
+from simclr_path.runtime.console import log
+from simclr_path.runtime.device import resolve_device
+from simclr_path.store.format import jsonable
+from simclr_path.store.reader import PatchStore
+
+
+@dataclass
+class Run:
+    """Everything a pretraining run is made of, built once by :func:`build_run`."""
+
+    cfg: PretrainConfig
+    out: str
+    stores: list[str]
+    store: PatchStore
+    device: torch.device
+    world: int
+    per_rank_batch: int
+    dataset: TwoViewDataset
+    sampler: ResumableSampler
+    model: torch.nn.Module  # the SimCLR model itself (what is checkpointed and exported)
+    train_model: torch.nn.Module  # what the loop calls: DDP and/or torch.compile around ``model``
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: NTXentLoss
+    lr: float
+    chunk: int | None
+    steps_per_epoch: int
+    total_steps: int
+    last_step: int  # where this invocation stops: max_steps or the end of the schedule
+    state: TrainState
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.out, CHECKPOINT_NAME)
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; the other ranks hold the same state."""
+        if distributed.is_main():
+            extra = {"store": {"paths": [os.path.abspath(p) for p in self.stores], **_store_meta(self.store)},
+                     "total_steps": self.total_steps}
+            contents = checkpoint_contents(self.model, self.optimizer, self.scheduler, self.state,
+                                           self.cfg.to_dict(), self.cfg.model.backbone, extra)
+            save_checkpoint(contents, self.checkpoint_path)
+
+
+def train_one_epoch(run: Run, loader, log: TrainingLog, knn=None) -> None:
+    """Train over the rest of this epoch, or until ``run.last_step`` optimiser steps are done."""
+    cfg, state, device = run.cfg, run.state, run.device
+    run.train_model.train()
+    use_amp = cfg.run.amp and device.type == "cuda"
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    for view0, view1 in loader:
+        started = time.perf_counter()
+        views = torch.cat([view0, view1]).to(device, non_blocking=True)
+        views = normalize(views, cfg.views.mean, cfg.views.std).contiguous(memory_format=memory_format)
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.chunk is not None and run.chunk < views.shape[0]:
+            loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk)
+        else:
+            loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp)
+        value = distributed.all_mean(loss.item(), device)  # the global-batch loss, same on every rank
+        if not math.isfinite(value):
+            raise SimclrPathError(
+                f"loss became {value} at step {state.step + 1}; stopped without saving, the last good "
+                f"checkpoint is kept - lower --lr or check the data, then rerun to resume"
+            )
+        state.consistent = False
+        run.optimizer.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        run.scheduler.step_update(num_updates=state.step)
+        state.consistent = True
+
+        log.step(state.step, state.epoch, value, run.optimizer.param_groups[0]["lr"],
+                 view0.shape[0] * 2 * run.world, time.perf_counter() - started)
+        if knn is not None and (state.step % cfg.run.eval_every == 0 or state.step == run.last_step):
+            log.knn(state.step, state.epoch, evaluate(run, knn))
+        if state.step % cfg.run.checkpoint_every == 0:
+            run.save_checkpoint()
+        if state.step >= run.last_step:
+            break
+        # every rank stops at the same step when any one was asked to
+        if distributed.all_mean(float(state.stop_requested), device) > 0:
+            state.stop_requested = True
+            break
+
+
+def evaluate(run: Run, knn) -> float:
+    """kNN accuracy of the backbone on the labelled check set (see :class:`~simclr_path.engine.knn.KnnMonitor`)."""
+    return knn(run.model.backbone, run.device)
+
+
+def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Pretrain (or resume) a SimCLR model on ``stores``; returns the run summary.
+
+    Runs in this process; when torch.distributed is initialised, as one rank of the group (see
+    :mod:`simclr_path.engine.launch`).
+    """
+    run = build_run(stores, out, cfg)
+    resume(run, open_run_folder(out, cfg))
+    main = distributed.is_main()
+    if main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        log(describe(run))
+    knn = None
+    if main and cfg.run.eval_labeled:
+        from simclr_path.engine.knn import KnnMonitor
+
+        knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
+                         cfg.run.eval_max_per_class, cfg.run.seed)
+    training_log = TrainingLog(out, run.state.step, run.last_step, cfg.run.log_every, write=main,
+                               progress=progress, tensorboard=cfg.run.tensorboard)
+
+    state = run.state
+    started = time.perf_counter()
+    try:
+        with training_log, StopOnSigterm(state):
+            while state.step < run.last_step and state.epoch < cfg.optim.epochs and not state.stop_requested:
+                run.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * run.per_rank_batch)
+                run.dataset.set_epoch(state.epoch)
+                loader = build_loader(run.dataset, run.sampler, run.per_rank_batch, cfg.run.workers,
+                                      run.device.type == "cuda")
+                train_one_epoch(run, loader, training_log, knn)
+                if state.batch_in_epoch >= run.steps_per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            run.save_checkpoint()
+        if state.stop_requested:
+            raise StoppedBySignal(
+                f"stopped on SIGTERM after step {state.step}; checkpoint saved to {run.checkpoint_path} - "
+                "rerun the same command to resume"
+            )
+    except KeyboardInterrupt:
+        if state.consistent and not distributed.is_distributed():
+            run.save_checkpoint()  # Ctrl-C between optimiser steps: keep the progress since the last checkpoint
+        raise
+    summary = summarize(run, training_log, time.perf_counter() - started)
+    training_log.plot()
+    return summary
+
+
+def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
+    """Every check that needs no training: config, backbone name, batch split, the stores."""
+    cfg.validate()
+    check_backbone_name(cfg.model.backbone)
+    if cfg.optim.batch % world:
+        raise SimclrPathError(
+            f"--batch {cfg.optim.batch} does not divide over {world} processes; use a multiple of {world}"
+        )
+    store = PatchStore(stores)
+    _check_data(store, cfg, stores)
+    return store
+
+
+def open_run_folder(out: str, cfg: PretrainConfig) -> dict | None:
+    """Create (rank 0) and check the run folder; returns its checkpoint when there is one."""
+    if distributed.is_main():
+        _prepare_run_dir(out)
+    distributed.barrier()
+    ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    if ckpt is not None and ckpt["backbone"] != cfg.model.backbone:
+        raise SimclrPathError(
+            f"{ckpt_path}: holds a {ckpt['backbone']} checkpoint, not {cfg.model.backbone}; "
+            f"use a new --out or --backbone {ckpt['backbone']}"
+        )
+    return ckpt
+
+
+def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
+    """Data, model, optimiser and schedule of a fresh run (seeded; nothing restored yet)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    store = preflight(stores, cfg, world)
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    per_rank_batch = cfg.optim.batch // world
+
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    dataset = TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.run.seed)
+    steps_per_epoch = len(sampler) // per_rank_batch
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch, cfg.optim.lr_scaling)
+
+    model = SimCLRModel(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden, cfg.model.head_out,
+                        cfg.model.head_layers)
+    if world > 1 and device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
+    last_step = min(cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps, total_steps)
+    return Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
+               per_rank_batch=per_rank_batch, dataset=dataset, sampler=sampler, model=model, train_model=model,
+               optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.optim.temperature,
+                                                                            gather_distributed=True),
+               lr=lr, chunk=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step,
+               state=TrainState())
+
+
+def resume(run: Run, ckpt: dict | None) -> None:
+    """Restore ``ckpt`` (if any) into ``run``, then choose the gradient-cache chunk and wrap the model."""
+    cfg = run.cfg
+    if ckpt is not None:
+        saved_batch = ckpt["config"]["optim"]["batch"]
+        if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.batch:
+            raise SimclrPathError(
+                f"{run.checkpoint_path}: this run was started with --batch {saved_batch} and "
+                f"{ckpt.get('total_steps')} scheduled steps ({ckpt['config']['optim']['epochs']} epochs); resume "
+                "with the same --batch and --epochs (only --max-steps may change) or use a new --out"
+            )
+        run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+    else:
+        run.scheduler.step_update(num_updates=0)
+    run.chunk = _resolve_chunk(cfg, run.model, run.device, 2 * run.per_rank_batch)
+    run.train_model = _wrap_for_training(run.model, cfg, run.device, run.world)
+
+
+def describe(run: Run) -> str:
+    """The one line logged at the start of a run."""
+    cfg = run.cfg
+    return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
+            f"{cfg.optim.batch} = {run.world} x {run.per_rank_batch}: "
+            f"{run.loss_fn.negatives_per_anchor(cfg.optim.batch)} negatives per anchor, "
+            f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}"
+            + (f", gradient cache in chunks of {run.chunk} views" if run.chunk else "")
+            + (f", resuming at step {run.state.step}" if run.state.step else ""))
+
+
+def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
+    """The JSON summary ``pretrain`` prints."""
+    cfg, state = run.cfg, run.state
+    return {
+        "run": os.path.abspath(run.out),
+        "checkpoint": os.path.abspath(run.checkpoint_path),
+        "backbone": cfg.model.backbone,
+        "device": str(run.device),
+        "world_size": run.world,
+        "global_batch": cfg.optim.batch,
+        "negatives_per_anchor": run.loss_fn.negatives_per_anchor(cfg.optim.batch),
+        "step": state.step,
+        "total_steps": run.total_steps,
+        "epoch": state.epoch,
+        "first_loss": training_log.first_loss,
+        "last_loss": training_log.final_loss(),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(training_log.images_seen / seconds, 2) if seconds > 0 else 0.0,
+    }
+
+
+def _prepare_run_dir(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise SimclrPathError(f"{out}: run folder cannot be written ({exc.strerror}); choose another --out") from None
+
+
+def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> None:
+    names = ", ".join(stores)
+    if len(store) == 0:
+        raise SimclrPathError(f"{names}: the store holds no patches; tile slides with tissue first")
+    if cfg.views.image_size > store.patch_size:
+        raise SimclrPathError(
+            f"--image-size {cfg.views.image_size} is larger than the {store.patch_size} px patches in {names}; "
+            f"use --image-size <= {store.patch_size} or re-tile with a larger --patch-size"
+        )
+    if cfg.optim.batch > len(store):
+        raise SimclrPathError(
+            f"--batch {cfg.optim.batch} is larger than the {len(store)} patches in {names}; lower --batch"
+        )
+
+
+def _resolve_chunk(cfg: PretrainConfig, model, device, views_per_rank: int) -> int | None:
+    """``--chunk``: None (whole batch at once), a number of views, or 'auto' (from free GPU memory)."""
+    chunk = cfg.run.chunk
+    if chunk is None:
+        return None
+    if chunk == "auto":
+        return choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.amp)
+    return int(chunk)
+
+
+def _wrap_for_training(model, cfg: PretrainConfig, device, world: int):
+    """DDP when distributed (batch norm already synchronised on CUDA), then torch.compile if asked."""
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":
+            model = DistributedDataParallel(model, device_ids=[device.index])
+        else:
+            if distributed.is_main():
+                log("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own batch")
+            model = DistributedDataParallel(model)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _store_meta(store: PatchStore) -> dict:
+    attrs = store.attrs[0]
+    return {
+        "patch_size": store.patch_size,
+        "target_mpp": jsonable(attrs.get("target_mpp")),
+        "magnification": jsonable(attrs.get("magnification")),
+        "patches": len(store),
+    }
