@@ -20,7 +20,7 @@ Example:
 @click.option("--workers", type=int, default=2, show_default=True)
 def embed(encoder, stores, out, device, batch, workers):
     """Encoder features for every patch, per slide in CLAM's/TRIDENT's layout plus one combined h5."""
-    from simclr_path.embed import embed_stores
+    from simclr_path.downstream.embed import embed_stores
 
     _echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers))
 
@@ -63,7 +63,7 @@ def evaluate(encoder, labeled, test, test_fraction, max_per_class, seed, device,
 
     One JSON line on stdout, a table on stderr.
     """
-    from simclr_path.evaluate import evaluate_encoder
+    from simclr_path.downstream.evaluate import evaluate_encoder
     from simclr_path.runtime.console import stderr_console
 
     result = evaluate_encoder(encoder, labeled, test, test_fraction, seed, max_per_class, device, batch, workers,

@@ -89,7 +89,7 @@ def export(source, out, fmt):
     """Export the encoder (backbone weights + metadata) of a run folder or checkpoint."""
     import os
 
-    from simclr_path.export import export_encoder
+    from simclr_path.downstream.encoder import export_encoder
 
     meta = export_encoder(source, out, fmt)
     _echo_json({"encoder": os.path.abspath(out), "timm_model": meta["timm_model"], "input_size": meta["input_size"],

@@ -1,32 +1,35 @@
 """simclr-path: whole-slide images in, a self-supervised (SimCLR) pathology encoder out.
 
-Stages, one module each: :mod:`~simclr_path.tiling` (slides -> HDF5 patch store),
-:mod:`~simclr_path.views` (two augmented views per patch), :mod:`~simclr_path.model` and
-:mod:`~simclr_path.loss` (SimCLR), :mod:`~simclr_path.train` (the loop), :mod:`~simclr_path.export`
-(encoder weights + metadata for timm).
+The stages, one folder each, in the order data flows through them:
+
+- :mod:`simclr_path.wsi`: slides -> tissue -> patch grid -> tiles
+- :mod:`simclr_path.store`: the HDF5 patch store (format, writer, :class:`PatchStore`)
+- :mod:`simclr_path.data`: two augmented views per patch, loaders
+- :mod:`simclr_path.models`, :mod:`simclr_path.losses`, :mod:`simclr_path.optim`: SimCLR itself
+- :mod:`simclr_path.engine`: config, training loop, checkpoints, launching
+- :mod:`simclr_path.downstream`: the exported encoder, embed, evaluate, segmentation
+
+:mod:`simclr_path.runtime` (device, process group, console) is the layer every stage may use.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["PatchStore", "NTXentLoss", "load_encoder", "SimclrPathError", "__version__"]
+# The public names, imported lazily: `simclr-path tile` must not pay for importing torch.
+_PUBLIC = {
+    "PatchStore": "simclr_path.store.reader",
+    "ViewConfig": "simclr_path.data.views",
+    "TwoViewDataset": "simclr_path.data.datasets",
+    "NTXentLoss": "simclr_path.losses.ntxent",
+    "load_encoder": "simclr_path.downstream.encoder",
+    "SimclrPathError": "simclr_path.errors",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name):
-    # Lazy: `simclr-path tile` must not pay for importing torch.
-    if name == "PatchStore":
-        from simclr_path.store import PatchStore
+    if name in _PUBLIC:
+        import importlib
 
-        return PatchStore
-    if name == "NTXentLoss":
-        from simclr_path.losses import NTXentLoss
-
-        return NTXentLoss
-    if name == "load_encoder":
-        from simclr_path.export import load_encoder
-
-        return load_encoder
-    if name == "SimclrPathError":
-        from simclr_path.errors import SimclrPathError
-
-        return SimclrPathError
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'simclr_path' has no attribute {name!r}")

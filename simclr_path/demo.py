@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from simclr_path.engine.config import apply_overrides, load_config
-from simclr_path.export import export_encoder
+from simclr_path.downstream.encoder import export_encoder
 from simclr_path.wsi.grid import TileSpec
 from simclr_path.runtime.console import Reporter, log
 from simclr_path.wsi.tiler import tile_slides

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from conftest import PCAM
 from simclr_path import PatchStore, load_encoder
-from simclr_path.evaluate import accuracy, knn_predict
+from simclr_path.downstream.evaluate import accuracy, knn_predict
 from simclr_path.engine.features import EncoderInputs
 
 
@@ -141,7 +141,7 @@ def test_embed_writes_clam_trident_layout_with_the_encoders_features(real_store,
 
 def test_smp_unet_takes_the_encoder_with_every_key_matched(pcam_run):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from simclr_path.segmentation import load_smp_encoder
+    from simclr_path.downstream.segmentation import load_smp_encoder
 
     _, encoder = pcam_run
     unet = smp.Unet(encoder_name="tu-resnet10t", encoder_weights=None, classes=2)

@@ -5,7 +5,7 @@ segmentation_models_pytorch builds ``Unet(encoder_name="tu-<timm name>")`` on ti
 the exported weights load with every key matched::
 
     import segmentation_models_pytorch as smp
-    from simclr_path.segmentation import load_smp_encoder
+    from simclr_path.downstream.segmentation import load_smp_encoder
 
     unet = smp.Unet(encoder_name="tu-resnet50", encoder_weights=None, classes=2)
     load_smp_encoder(unet, "encoder.pt")        # strict: raises on any missing or unexpected key
@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.export import read_encoder
+from simclr_path.downstream.encoder import read_encoder
 
 
 def smp_encoder_state(encoder_path: str, encoder: nn.Module) -> dict:

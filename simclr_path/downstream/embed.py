@@ -30,7 +30,7 @@ def _atomic_h5(path: str):
 
 def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str = "auto", batch_size: int = 256,
                  workers: int = 2, progress=None) -> dict:
-    from simclr_path.export import load_encoder
+    from simclr_path.downstream.encoder import load_encoder
     from simclr_path.runtime.device import resolve_device
 
     dev = resolve_device(device)

@@ -74,7 +74,7 @@ def evaluate_encoder(encoder_path: str, labeled: str, test: str | None = None, t
     """kNN and linear-probe scores of an exported encoder (and of a random-init floor)."""
     import timm
 
-    from simclr_path.export import load_encoder
+    from simclr_path.downstream.encoder import load_encoder
     from simclr_path.runtime.device import resolve_device
 
     if not 0 < test_fraction < 1:
