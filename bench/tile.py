@@ -128,7 +128,7 @@ class PeakRSS:
 def run_tile(slide: Path, out: Path, workers: int, codec: str = "jpeg", extra=()):
     if out.exists():
         out.unlink()
-    cmd = [sys.executable, "-m", "cli", "tile", str(slide), "--out", str(out), "--workers", str(workers),
+    cmd = [sys.executable, "-m", "simclr_path", "tile", str(slide), "--out", str(out), "--workers", str(workers),
            "--codec", codec, "-q", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,3 +1,3 @@
-from cli.main import cli
+from simclr_path.cli.main import cli
 
-cli()
+cli(prog_name="simclr-path")

@@ -47,7 +47,7 @@ def cli():
 
 
 def _register():
-    from cli import downstream_commands, tile_commands, train_commands
+    from simclr_path.cli import downstream_commands, tile_commands, train_commands
 
     for command in (tile_commands.tile, tile_commands.info, tile_commands.coords, *train_commands.COMMANDS,
                     *downstream_commands.COMMANDS):

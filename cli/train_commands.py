@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.tile_commands import _echo_json
+from simclr_path.cli.tile_commands import _echo_json
 
 
 @click.command(

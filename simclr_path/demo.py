@@ -12,7 +12,7 @@ import os
 import cv2
 import numpy as np
 
-from simclr_path.engine.config import apply_overrides, load_config
+from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
 from simclr_path.downstream.encoder import export_encoder
 from simclr_path.wsi.grid import TileSpec
 from simclr_path.runtime.console import Reporter, log
@@ -71,6 +71,14 @@ def write_pyramid(path: str, image: np.ndarray, mpp: float, levels: int = 3, til
     return path
 
 
+def demo_config(steps: int) -> PretrainConfig:
+    """The ``small`` preset cut down to a CPU demo: batch 64, 64 px views, ``steps`` steps."""
+    cfg = apply_overrides(load_config("small"), batch=64, image_size=64, max_steps=steps, workers=2, device="cpu")
+    cfg.optim.epochs = 100
+    cfg.run.checkpoint_every = 20
+    return cfg
+
+
 def run_demo(out_dir: str, steps: int = 40, progress: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     slide = os.path.join(out_dir, "demo-slide.tif")
@@ -83,9 +91,7 @@ def run_demo(out_dir: str, steps: int = 40, progress: bool = True) -> dict:
     if not tiled.ok:
         raise RuntimeError(f"demo tiling failed: {tiled.failures}")
     log(f"tiled {tiled.patches} patches into {store}")
-    cfg = apply_overrides(load_config("small"), batch=64, image_size=64, max_steps=steps, workers=2, device="cpu")
-    cfg.optim.epochs = 100
-    cfg.run.checkpoint_every = 20
+    cfg = demo_config(steps)
     run = os.path.join(out_dir, "run")
     trained = pretrain([store], run, cfg, progress=progress)
     encoder = os.path.join(out_dir, "encoder.pt")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from cli.main import cli
+from simclr_path.cli.main import cli
 from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.losses import NTXentLoss
 from simclr_path.models import SimCLRModel
@@ -129,7 +129,7 @@ def run_process(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "simclr_path", *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
@@ -177,7 +177,7 @@ def test_torchrun_launch_is_detected_from_the_environment(real_store, tmp_path):
     import sys
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "simclr_path",
             "pretrain", real_store, "--out", run, *TINY[:-5], "--workers", 0, "-q", "--max-steps", 2]
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from simclr_path.cli.main import cli
 from conftest import PCAM
 from simclr_path import PatchStore, load_encoder
 from simclr_path.downstream.evaluate import accuracy, knn_predict

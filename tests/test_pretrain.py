@@ -10,7 +10,7 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from simclr_path.cli.main import cli
 from simclr_path import PatchStore, load_encoder
 from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
@@ -186,7 +186,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, t
                       "optim: {batch: 32, epochs: 20, warmup_epochs: 0}\n"
                       "run: {device: cpu, workers: 2, log_every: 1, checkpoint_every: 1000}\n")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli", "pretrain", str(real_store), "--out", str(run), "--config", str(config), "-q"]
+    cmd = [sys.executable, "-m", "simclr_path", "pretrain", str(real_store), "--out", str(run), "--config", str(config), "-q"]
     root = os.path.dirname(os.path.dirname(__file__))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
     metrics, deadline = run / "metrics.jsonl", time.time() + 300

@@ -9,7 +9,7 @@ import openslide
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from simclr_path.cli.main import cli
 from simclr_path import PatchStore
 from simclr_path.wsi.tile_reader import read_patch_direct
 from simclr_path.wsi.grid import TileSpec, plan_patches
@@ -175,7 +175,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     for i in range(6):
         write_slide(folder / f"s{i}.tif", tissue_image(3072, 2048, seed=i), levels=2)
     reference = tmp_path / "reference.h5"
-    cmd = [sys.executable, "-m", "cli", "tile", str(folder), "--mpp", "0.25", "--patch-size", "64",
+    cmd = [sys.executable, "-m", "simclr_path", "tile", str(folder), "--mpp", "0.25", "--patch-size", "64",
            "--min-tissue", "0.2", "--workers", "1", "-q"]
     subprocess.run(cmd + ["--out", str(reference)], check=True, capture_output=True)
     expected = read_all(reference)

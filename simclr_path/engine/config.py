@@ -1,7 +1,8 @@
 """Pretraining configuration: dataclasses, YAML presets, command-line overrides.
 
 A preset is a YAML file with the sections ``model``, ``views``, ``optim`` and ``run``; any key left
-out keeps its default. ``--config small`` names a preset in the repository's ``configs/`` folder;
+out keeps its default. ``--config small`` names a preset shipped in the package (``simclr_path.configs``,
+the repository's ``configs/`` folder);
 a path names any file. The resolved config is saved as ``config.yaml`` in the run folder.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -17,7 +19,11 @@ import yaml
 from simclr_path.errors import SimclrPathError
 from simclr_path.data.views import ViewConfig
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def presets():
+    """The shipped presets folder (``configs/`` in the source tree, ``simclr_path/configs`` installed)."""
+    return resources.files("simclr_path.configs")
 
 
 @dataclass
@@ -117,15 +123,19 @@ class PretrainConfig:
                 raise SimclrPathError(message)
 
 
-def resolve_preset(name_or_path: str) -> Path:
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in presets().iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_preset(name_or_path: str):
+    """A YAML path, or the name of a shipped preset; returns something with ``read_text()``."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    preset = presets() / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
-    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise SimclrPathError(f"{name_or_path}: no such config file or preset; presets: {', '.join(known)}")
+    raise SimclrPathError(f"{name_or_path}: no such config file or preset; presets: {', '.join(preset_names())}")
 
 
 def load_config(name_or_path: str | None) -> PretrainConfig:
