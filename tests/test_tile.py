@@ -379,10 +379,22 @@ def test_upsampling_is_refused(real_slides, tmp_path):
     assert_one_line_error(r, "CMU-1-Small-Region.svs", "upsample")
 
 
-def test_preview_png_per_slide(real_slides, tmp_path):
-    r = run_cli("tile", real_slides["cmu"], "--out", tmp_path / "p.h5", "--preview", tmp_path / "prev", "--workers", 0)
-    assert r.exit_code == 0
+def test_preview_is_readable_whatever_the_slide_size(real_slides, tmp_path):
+    """The small TCGA slide used to give a 139 x 111 px preview; both slides now get a long side of
+    about 1,800 px, with the kept patches drawn and a legend band under the image."""
     import cv2
 
-    img = cv2.imread(str(tmp_path / "prev" / "CMU-1-Small-Region.png"))
-    assert img is not None and img.shape[0] > 100
+    from simclr_path.wsi.preview import PREVIEW_LONG_SIDE
+
+    r = run_cli("tile", real_slides["cmu"], real_slides["tcga"], "--out", tmp_path / "p.h5", "--preview",
+                tmp_path / "prev", "--workers", 0, "--slide-mpp", 0.25)
+    assert r.exit_code == 0
+    for name in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1"):
+        img = cv2.imread(str(tmp_path / "prev" / f"{name}.png"))
+        assert img is not None
+        h, w = img.shape[:2]
+        assert max(h, w) >= 1500 and max(h, w) <= PREVIEW_LONG_SIDE + 80  # + the legend band
+        blue = (img[..., 0] > 200) & (img[..., 1] < 140) & (img[..., 2] < 60)
+        assert blue.sum() > 500  # patch outlines
+        legend = img[-20:]
+        assert (legend < 100).any() and (legend.mean() > 200)  # dark text on a white band

@@ -16,6 +16,7 @@ import openslide
 
 from simclr_path.store.codecs import encode_patches
 from simclr_path.errors import SlideError
+from simclr_path.wsi.preview import legend_text, write_preview
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.slide import SlideMeta, open_slide, read_meta, read_rgb
 from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
@@ -113,27 +114,16 @@ def prepare_slide(
     cells = np.stack([flat // max(n_cols, 1), flat % max(n_cols, 1)], axis=1).astype(np.int64)
     result = SlidePlan(meta, plan, coords[keep], fractions[keep], cells, int(len(coords)))
     if preview_dir:
-        write_preview(os.path.join(preview_dir, f"{preview_name}.png"), thumb, mask, mask_ds, result)
+        legend = legend_text(preview_name, meta.mpp, plan.target_mpp, plan.patch_size, len(result.coords),
+                             result.grid_total)
+        write_preview(os.path.join(preview_dir, f"{preview_name}.png"), slide, mask, result.coords,
+                      plan.patch_size_level0, legend)
     return result
 
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
-
-def write_preview(path: str, thumb: np.ndarray, mask: np.ndarray, mask_ds: float, sp: SlidePlan) -> None:
-    """Thumbnail with the tissue outline (green) and kept patches (blue), for a glance check."""
-    canvas = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, (0, 200, 0), 1)
-    side = sp.plan.patch_size_level0 / mask_ds
-    for x, y in sp.coords:
-        p0 = (int(x / mask_ds), int(y / mask_ds))
-        p1 = (int(x / mask_ds + side) - 1, int(y / mask_ds + side) - 1)
-        cv2.rectangle(canvas, p0, p1, (255, 80, 0), 1)
-    if not cv2.imwrite(path, canvas):
-        raise SlideError(f"{path}: cannot write the preview PNG; check --preview")
 
 
 def plan_tasks(sp: SlidePlan, max_run: int = RUN_PATCHES, max_task: int = TASK_PATCHES) -> list[np.ndarray]:
