@@ -18,6 +18,7 @@ import os
 import torch
 
 from simclr_path import __version__
+from simclr_path.engine.config import upgrade_config_dict
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
 from simclr_path.errors import SimclrPathError
 
@@ -50,7 +51,7 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
     if fmt not in ("torch", "safetensors"):
         raise SimclrPathError(f"--format must be torch or safetensors, got {fmt!r}")
     ckpt = load_checkpoint(_resolve_checkpoint(source))
-    cfg = ckpt["config"]
+    cfg = upgrade_config_dict(ckpt["config"], source, quiet=True)
     name = cfg["model"]["backbone"]
     weights = backbone_state_dict(ckpt["model"])
     model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -76,8 +77,8 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
             "steps": int(ckpt["step"]),
             "total_steps": int(ckpt.get("total_steps", ckpt["step"])),
             "epoch": int(ckpt["epoch"]),
-            "global_batch": int(cfg["optim"]["batch"]),
-            "temperature": float(cfg["optim"]["temperature"]),
+            "global_batch": int(cfg["optim"]["global_batch"]),
+            "temperature": float(cfg["loss"]["temperature"]),
             "patches": store.get("patches"),
             "stores": store.get("paths", []),
         },

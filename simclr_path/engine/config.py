@@ -1,6 +1,6 @@
 """Pretraining configuration: dataclasses, YAML presets, command-line overrides.
 
-A preset is a YAML file with the sections ``model``, ``views``, ``optim`` and ``run``; any key left
+A preset is a YAML file with the sections ``model``, ``views``, ``loss``, ``optim`` and ``run``; any key left
 out keeps its default. ``--config small`` names a preset shipped in the package (``simclr_path.configs``,
 the repository's ``configs/`` folder);
 a path names any file. The resolved config is saved as ``config.yaml`` in the run folder.
@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.console import log
 from simclr_path.data.views import ViewConfig
 
 
@@ -40,10 +41,17 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
-    """LARS, schedule and loss. ``batch`` is the global batch (patches, two views each)."""
+class LossConfig:
+    """NT-Xent (see :class:`simclr_path.losses.NTXentLoss`)."""
 
-    batch: int = 256
+    temperature: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """LARS and the schedule. ``global_batch``: patches per step over all processes (two views each)."""
+
+    global_batch: int = 256
     epochs: int = 100
     base_lr: float = 0.3
     lr_scaling: str = "linear"  # linear: base * batch / 256; sqrt: base * sqrt(batch)
@@ -51,7 +59,6 @@ class OptimConfig:
     weight_decay: float = 1e-6
     trust_coeff: float = 0.001
     warmup_epochs: float = 10.0
-    temperature: float = 0.1
     max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
 
 
@@ -62,11 +69,11 @@ class RunConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     workers: int = 4
     seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     tensorboard: bool = False
-    chunk: int | str | None = None  # gradient cache: views per chunk, "auto" (CUDA), or None
+    grad_cache_chunk: int | str | None = None  # gradient cache: views per chunk, "auto" (CUDA), or None
     eval_labeled: str | None = None  # labelled patches for a kNN check during training
     eval_every: int = 500  # steps between kNN checks
     eval_max_per_class: int = 250  # patches per class used by the check
@@ -76,6 +83,7 @@ class RunConfig:
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -84,10 +92,11 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "PretrainConfig":
-        data = data or {}
-        unknown = set(data) - {"model", "views", "optim", "run"}
+        data = upgrade_config_dict(data or {}, source)
+        sections_known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(sections_known)
         if unknown:
-            raise SimclrPathError(f"{source}: unknown section(s) {sorted(unknown)}; expected model, views, optim, run")
+            raise SimclrPathError(f"{source}: unknown section(s) {sorted(unknown)}; expected {', '.join(sections_known)}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = type(f.default_factory())
@@ -103,11 +112,11 @@ class PretrainConfig:
     def validate(self) -> None:
         o, v, r = self.optim, self.views, self.run
         checks = [
-            (o.batch >= 2, f"--batch must be >= 2, got {o.batch}"),
+            (o.global_batch >= 2, f"--batch must be >= 2, got {o.global_batch}"),
             (o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}"),
             (o.base_lr > 0, f"--lr must be > 0, got {o.base_lr}"),
             (o.lr_scaling in ("linear", "sqrt"), f"lr_scaling must be linear or sqrt, got {o.lr_scaling!r}"),
-            (o.temperature > 0, f"temperature must be > 0, got {o.temperature}"),
+            (self.loss.temperature > 0, f"temperature must be > 0, got {self.loss.temperature}"),
             (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
             (o.max_steps is None or o.max_steps >= 1, f"--max-steps must be >= 1, got {o.max_steps}"),
             (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
@@ -115,8 +124,9 @@ class PretrainConfig:
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
             (r.eval_every >= 1, f"--eval-every must be >= 1, got {r.eval_every}"),
             (self.model.head_layers >= 1, f"head_layers must be >= 1, got {self.model.head_layers}"),
-            (r.chunk is None or r.chunk == "auto" or (isinstance(r.chunk, int) and r.chunk >= 1),
-             f"--chunk must be a number of views >= 1 or 'auto', got {r.chunk!r}"),
+            (r.grad_cache_chunk is None or r.grad_cache_chunk == "auto"
+             or (isinstance(r.grad_cache_chunk, int) and r.grad_cache_chunk >= 1),
+             f"--chunk must be a number of views >= 1 or 'auto', got {r.grad_cache_chunk!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,6 +135,35 @@ class PretrainConfig:
 
 def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in presets().iterdir() if p.name.endswith(".yaml"))
+
+
+#: Keys renamed because their old names misled: (section, old key) -> (section, new key).
+RENAMED_KEYS = {
+    ("optim", "batch"): ("optim", "global_batch"),
+    ("optim", "temperature"): ("loss", "temperature"),
+    ("run", "chunk"): ("run", "grad_cache_chunk"),
+    ("run", "amp"): ("run", "bf16"),
+}
+
+
+def upgrade_config_dict(data: dict, source: str = "config", quiet: bool = False) -> dict:
+    """A config dict with renamed keys moved to their new names (old YAML files and checkpoints).
+
+    Each old key found is noted once on stderr unless ``quiet``; giving both names is an error.
+    """
+    data = {section: dict(values or {}) for section, values in data.items()}
+    for (old_section, old_key), (new_section, new_key) in RENAMED_KEYS.items():
+        values = data.get(old_section)
+        if not values or old_key not in values:
+            continue
+        if new_key in data.get(new_section, {}):
+            raise SimclrPathError(
+                f"{source}: both {old_section}.{old_key} and its new name {new_section}.{new_key} are set; keep one"
+            )
+        data.setdefault(new_section, {})[new_key] = values.pop(old_key)
+        if not quiet:
+            log(f"note: {source}: {old_section}.{old_key} is now {new_section}.{new_key} (read as such)")
+    return data
 
 
 def resolve_preset(name_or_path: str):
@@ -152,11 +191,11 @@ def load_config(name_or_path: str | None) -> PretrainConfig:
 def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
     """Set ``section.key`` values given as ``key=value`` (None means: not given)."""
     where = {
-        "batch": "optim", "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
-        "temperature": "optim", "backbone": "model", "pretrained": "model", "compile": "model",
+        "batch": ("optim", "global_batch"), "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
+        "temperature": "loss", "backbone": "model", "pretrained": "model", "compile": "model",
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
-        "checkpoint_every": "run", "tensorboard": "run", "chunk": "run", "eval_labeled": "run",
-        "eval_every": "run",
+        "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
+        "eval_labeled": "run", "eval_every": "run",
     }
     for key, value in overrides.items():
         if value is None:

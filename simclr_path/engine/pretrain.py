@@ -27,7 +27,7 @@ from simclr_path.data.datasets import TwoViewDataset
 from simclr_path.data.loader import ResumableSampler, build_loader
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from simclr_path.engine.config import PretrainConfig, save_config
+from simclr_path.engine.config import PretrainConfig, save_config, upgrade_config_dict
 from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk, loss_and_backward
 from simclr_path.engine.metrics import TrainingLog
 from simclr_path.engine.state import StopOnSigterm, TrainState, checkpoint_contents, restore_checkpoint
@@ -85,7 +85,7 @@ def train_one_epoch(run: Run, loader, log: TrainingLog, knn=None) -> None:
     """Train over the rest of this epoch, or until ``run.last_step`` optimiser steps are done."""
     cfg, state, device = run.cfg, run.state, run.device
     run.train_model.train()
-    use_amp = cfg.run.amp and device.type == "cuda"
+    use_amp = cfg.run.bf16 and device.type == "cuda"
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     for view0, view1 in loader:
         started = time.perf_counter()
@@ -180,9 +180,9 @@ def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
     """Every check that needs no training: config, backbone name, batch split, the stores."""
     cfg.validate()
     check_backbone_name(cfg.model.backbone)
-    if cfg.optim.batch % world:
+    if cfg.optim.global_batch % world:
         raise SimclrPathError(
-            f"--batch {cfg.optim.batch} does not divide over {world} processes; use a multiple of {world}"
+            f"--batch {cfg.optim.global_batch} does not divide over {world} processes; use a multiple of {world}"
         )
     store = PatchStore(stores)
     _check_data(store, cfg, stores)
@@ -211,7 +211,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", distributed.local_rank())
-    per_rank_batch = cfg.optim.batch // world
+    per_rank_batch = cfg.optim.global_batch // world
 
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
@@ -220,7 +220,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     steps_per_epoch = len(sampler) // per_rank_batch
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch, cfg.optim.lr_scaling)
+    lr = scaled_lr(cfg.optim.base_lr, cfg.optim.global_batch, cfg.optim.lr_scaling)
 
     model = SimCLRModel(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden, cfg.model.head_out,
                         cfg.model.head_layers)
@@ -236,7 +236,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     last_step = min(cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps, total_steps)
     return Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
                per_rank_batch=per_rank_batch, dataset=dataset, sampler=sampler, model=model, train_model=model,
-               optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.optim.temperature,
+               optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.loss.temperature,
                                                                             gather_distributed=True),
                lr=lr, chunk=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step,
                state=TrainState())
@@ -246,11 +246,12 @@ def resume(run: Run, ckpt: dict | None) -> None:
     """Restore ``ckpt`` (if any) into ``run``, then choose the gradient-cache chunk and wrap the model."""
     cfg = run.cfg
     if ckpt is not None:
-        saved_batch = ckpt["config"]["optim"]["batch"]
-        if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.batch:
+        saved = upgrade_config_dict(ckpt["config"], run.checkpoint_path, quiet=True)
+        saved_batch = saved["optim"]["global_batch"]
+        if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.global_batch:
             raise SimclrPathError(
                 f"{run.checkpoint_path}: this run was started with --batch {saved_batch} and "
-                f"{ckpt.get('total_steps')} scheduled steps ({ckpt['config']['optim']['epochs']} epochs); resume "
+                f"{ckpt.get('total_steps')} scheduled steps ({saved['optim']['epochs']} epochs); resume "
                 "with the same --batch and --epochs (only --max-steps may change) or use a new --out"
             )
         run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
@@ -264,8 +265,8 @@ def describe(run: Run) -> str:
     """The one line logged at the start of a run."""
     cfg = run.cfg
     return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
-            f"{cfg.optim.batch} = {run.world} x {run.per_rank_batch}: "
-            f"{run.loss_fn.negatives_per_anchor(cfg.optim.batch)} negatives per anchor, "
+            f"{cfg.optim.global_batch} = {run.world} x {run.per_rank_batch}: "
+            f"{run.loss_fn.negatives_per_anchor(cfg.optim.global_batch)} negatives per anchor, "
             f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}"
             + (f", gradient cache in chunks of {run.chunk} views" if run.chunk else "")
             + (f", resuming at step {run.state.step}" if run.state.step else ""))
@@ -280,8 +281,8 @@ def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
         "backbone": cfg.model.backbone,
         "device": str(run.device),
         "world_size": run.world,
-        "global_batch": cfg.optim.batch,
-        "negatives_per_anchor": run.loss_fn.negatives_per_anchor(cfg.optim.batch),
+        "global_batch": cfg.optim.global_batch,
+        "negatives_per_anchor": run.loss_fn.negatives_per_anchor(cfg.optim.global_batch),
         "step": state.step,
         "total_steps": run.total_steps,
         "epoch": state.epoch,
@@ -312,19 +313,19 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
             f"--image-size {cfg.views.image_size} is larger than the {store.patch_size} px patches in {names}; "
             f"use --image-size <= {store.patch_size} or re-tile with a larger --patch-size"
         )
-    if cfg.optim.batch > len(store):
+    if cfg.optim.global_batch > len(store):
         raise SimclrPathError(
-            f"--batch {cfg.optim.batch} is larger than the {len(store)} patches in {names}; lower --batch"
+            f"--batch {cfg.optim.global_batch} is larger than the {len(store)} patches in {names}; lower --batch"
         )
 
 
 def _resolve_chunk(cfg: PretrainConfig, model, device, views_per_rank: int) -> int | None:
     """``--chunk``: None (whole batch at once), a number of views, or 'auto' (from free GPU memory)."""
-    chunk = cfg.run.chunk
+    chunk = cfg.run.grad_cache_chunk
     if chunk is None:
         return None
     if chunk == "auto":
-        return choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.amp)
+        return choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.bf16)
     return int(chunk)
 
 
