@@ -6,6 +6,8 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+from cli_helpers import one_json, run_cli  # noqa: E402
+
 SHARED_DATA = TESTS.parents[1] / "shared" / "data"
 SLIDES = SHARED_DATA / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
@@ -36,3 +38,33 @@ def real_store(real_slides, tmp_path_factory):
                          workers=0, fallback_mpp=0.25)
     assert result.ok and result.patches > 100
     return out
+
+
+@pytest.fixture(scope="session")
+def pcam():
+    if not PCAM.exists():
+        pytest.skip("../shared/data/patches/pcam_ai4all is not present")
+    return PCAM
+
+
+
+@pytest.fixture(scope="session")
+def pcam_store(pcam, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pcam") / "valid.h5"
+    summary = one_json(run_cli("ingest", pcam / "valid", "--out", out, "--mpp", 0.97))
+    assert summary["patches"] == 3000 and summary["classes"] == ["0", "1"]
+    return out
+
+
+
+@pytest.fixture(scope="session")
+def pcam_run(pcam, pcam_store, tmp_path_factory):
+    """A brief pretraining on PCam valid, with the kNN check on PCam test during training."""
+    run = tmp_path_factory.mktemp("pcamrun") / "run"
+    summary = one_json(run_cli("pretrain", pcam_store, "--out", run, "--config", "small", "--backbone", "resnet10t",
+                               "--batch", 64, "--image-size", 64, "--max-steps", 20, "--workers", 2, "--device", "cpu",
+                               "-q", "--eval-labeled", pcam / "test", "--eval-every", 10))
+    assert summary["step"] == 20
+    encoder = run.parent / "encoder.pt"
+    one_json(run_cli("export", run, encoder))
+    return run, encoder

@@ -1,5 +1,5 @@
-"""`ingest`, `embed`, `eval`, the kNN check during pretraining, and the segmentation recipe,
-on the real PCam patches."""
+"""`embed`, `eval`, the kNN check during pretraining, and the segmentation recipe, on the real PCam
+patches."""
 
 import json
 
@@ -7,67 +7,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from simclr_path.cli.main import cli
-from conftest import PCAM
+from cli_helpers import one_json, run_cli
 from simclr_path import PatchStore, load_encoder
-from simclr_path.downstream.evaluate import accuracy, knn_predict
 from simclr_path.engine.features import EncoderInputs
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_json(result):
-    assert result.exit_code == 0, result.stderr
-    lines = [l for l in result.stdout.splitlines() if l.strip()]
-    assert len(lines) == 1
-    return json.loads(lines[0])
-
-
-@pytest.fixture(scope="module")
-def pcam():
-    if not PCAM.exists():
-        pytest.skip("../shared/data/patches/pcam_ai4all is not present")
-    return PCAM
-
-
-@pytest.fixture(scope="module")
-def pcam_store(pcam, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pcam") / "valid.h5"
-    summary = one_json(run_cli("ingest", pcam / "valid", "--out", out, "--mpp", 0.97))
-    assert summary["patches"] == 3000 and summary["classes"] == ["0", "1"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def pcam_run(pcam, pcam_store, tmp_path_factory):
-    """A brief pretraining on PCam valid, with the kNN check on PCam test during training."""
-    run = tmp_path_factory.mktemp("pcamrun") / "run"
-    summary = one_json(run_cli("pretrain", pcam_store, "--out", run, "--config", "small", "--backbone", "resnet10t",
-                               "--batch", 64, "--image-size", 64, "--max-steps", 20, "--workers", 2, "--device", "cpu",
-                               "-q", "--eval-labeled", pcam / "test", "--eval-every", 10))
-    assert summary["step"] == 20
-    encoder = run.parent / "encoder.pt"
-    one_json(run_cli("export", run, encoder))
-    return run, encoder
-
-
-def test_ingest_keeps_labels_and_jpeg_bytes(pcam, pcam_store, tmp_path):
-    store = PatchStore(pcam_store)
-    assert len(store) == 3000 and store.patch_size == 96
-    assert [store.label(i) for i in (0, 1499, 1500, 2999)] == [0, 0, 1, 1]
-    with h5py.File(pcam_store) as f:
-        assert list(f.attrs["class_names"]) == ["0", "1"]
-        first = f["slides/0/source_files"][0].decode()
-        assert bytes(f["slides/0/patches"][0]) == (pcam / "valid" / first).read_bytes()
-    resized = one_json(run_cli("ingest", pcam / "test", "--out", tmp_path / "t.h5", "--size", 64, "--no-labels"))
-    assert resized["patch_size"] == 64 and resized["classes"] == []
-    assert PatchStore(tmp_path / "t.h5")[0].shape == (64, 64, 3)
-    r = run_cli("ingest", tmp_path / "nothing", "--out", tmp_path / "x.h5")
-    assert r.exit_code == 1 and "nothing" in r.stderr
+from simclr_path.engine.knn import accuracy, knn_predict
 
 
 def test_knn_check_is_logged_during_pretraining(pcam_run):

@@ -1,41 +1,20 @@
-"""`simclr-path tile` and the patch store, on the real slides and synthetic pyramids."""
+"""Stage 1, `simclr-path tile`: slides read through OpenSlide, tissue, grid, crash-safe tiling,
+previews; on the real slides and synthetic pyramids."""
 
-import json
 import os
 
 import h5py
 import numpy as np
 import openslide
 import pytest
-from click.testing import CliRunner
 
-from simclr_path.cli.main import cli
+from cli_helpers import assert_one_line_error, run_cli, summary
 from simclr_path import PatchStore
-from simclr_path.wsi.tile_reader import read_patch_direct
 from simclr_path.wsi.grid import TileSpec, plan_patches
 from simclr_path.wsi.slide import read_meta
+from simclr_path.wsi.tile_reader import read_patch_direct
 from simclr_path.wsi.tiler import tile_slides
 from synthetic import tissue_image, write_slide
-
-
-def run_cli(*args, input=None):
-    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
-    return result
-
-
-def summary(result):
-    lines = [l for l in result.stdout.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.stderr and result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert errors, result.stderr
-    for needle in needles:
-        assert any(needle in e for e in errors), (needle, result.stderr)
 
 
 @pytest.mark.parametrize("codec,tolerance", [("raw", 0.0), ("jpeg", 3.5)])
@@ -277,22 +256,6 @@ def test_bad_paths_and_outputs(tmp_path):
     assert_one_line_error(run_cli("tile", slide, "--out", garbage), "garbage.h5")
 
 
-def test_store_spec_mismatch_is_refused(tmp_path):
-    slide = write_slide(tmp_path / "a.tif", tissue_image(1024, 1024), levels=2)
-    out = tmp_path / "p.h5"
-    assert run_cli("tile", slide, "--out", out, "--workers", 0).exit_code == 0
-    assert_one_line_error(run_cli("tile", slide, "--out", out, "--patch-size", 128), "patch_size")
-
-
-def test_truncated_store_is_refused_by_readers(real_store, tmp_path):
-    cut = tmp_path / "cut.h5"
-    cut.write_bytes(real_store.read_bytes()[:4096])
-    assert_one_line_error(run_cli("info", cut), "cut.h5")
-    with pytest.raises(Exception) as info:
-        PatchStore(cut)
-    assert "cut.h5" in str(info.value)
-
-
 def test_disk_full_keeps_finished_slides(tmp_path, monkeypatch):
     import errno
 
@@ -333,45 +296,6 @@ def test_stdin_paths_and_shards(tmp_path):
     assert names == [["s0", "s2"], ["s1"]]
     both = PatchStore([tmp_path / "shard0.h5", tmp_path / "shard1.h5"])
     assert len(both) == len(PatchStore(out))
-
-
-def test_patchstore_is_picklable_and_works_in_dataloader_workers(real_store):
-    import pickle
-
-    import torch
-
-    store = PatchStore(real_store)
-    first = store[0]
-    clone = pickle.loads(pickle.dumps(store))
-    np.testing.assert_array_equal(clone[0], first)
-
-    class Wrap(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return torch.from_numpy(store[i])
-
-    loader = torch.utils.data.DataLoader(Wrap(), batch_size=4, num_workers=2)
-    batches = torch.cat(list(loader))
-    np.testing.assert_array_equal(batches[0].numpy(), first)
-
-
-def test_info_and_coords_commands(real_store, tmp_path):
-    r = run_cli("info", real_store)
-    assert r.exit_code == 0
-    info = summary(r)
-    store = info["stores"][0]
-    assert info["total_patches"] == len(PatchStore(real_store))
-    assert store["patch_size"] == 128 and store["target_mpp"] == 0.5
-    by_name = {s["name"]: s for s in store["slides"]}
-    assert by_name["TCGA-CR-7395-01A-01-TS1"]["mpp_source"] == "cli"
-    assert by_name["CMU-1-Small-Region"]["mpp"] == pytest.approx(0.499)
-    r = run_cli("coords", real_store, "--out", tmp_path / "coords")
-    assert r.exit_code == 0
-    with h5py.File(tmp_path / "coords" / "CMU-1-Small-Region.h5") as f:
-        assert set(f.keys()) == {"coords"}
-        assert {"patch_size", "patch_level", "downsample", "level_dim", "patch_size_level0"} <= set(f["coords"].attrs)
 
 
 def test_upsampling_is_refused(real_slides, tmp_path):

@@ -1,5 +1,5 @@
-"""Distributed SimCLR on CPU (gloo, 2 spawned processes) against one process with the same batch,
-and the gradient cache against the plain step."""
+"""Distributed pretraining on CPU (gloo): two ranks against one process, elastic launch, torchrun,
+failing ranks."""
 
 import json
 import os
@@ -8,31 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from click.testing import CliRunner
 
-from simclr_path.cli.main import cli
+from cli_helpers import run_cli
+from contrastive_helpers import B, flat, global_views, grads_of, make_model, relative_error
 from simclr_path.engine.checkpoint import load_checkpoint
+from simclr_path.engine.gradients import loss_and_backward
 from simclr_path.losses import NTXentLoss
-from simclr_path.models import SimCLRModel
-from simclr_path.engine.gradients import cached_loss_and_backward, loss_and_backward
-
-B, SIZE = 6, 32  # patches per rank, image side
-
-
-def make_model(backbone="resnet18", **kwargs):
-    torch.manual_seed(0)
-    return SimCLRModel(backbone, head_out=16, **kwargs)
-
-
-def global_views():
-    g = torch.Generator().manual_seed(1)
-    view0 = torch.randn(2 * B, 3, SIZE, SIZE, generator=g)
-    view1 = torch.randn(2 * B, 3, SIZE, SIZE, generator=g)
-    return view0, view1
-
-
-def grads_of(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _rank_main(rank, world, init_file, out, dtype):
@@ -51,14 +32,6 @@ def _rank_main(rank, world, init_file, out, dtype):
     if rank == 0:
         torch.save({"loss": total.item() / world, "grads": grads_of(model)}, out)
     dist.destroy_process_group()
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def flat(grads, keys):
-    return torch.cat([grads[k].flatten() for k in keys])
 
 
 @pytest.mark.slow
@@ -85,43 +58,6 @@ def test_two_ranks_give_the_single_process_loss_and_gradient(tmp_path, dtype, gl
     print(f"{dtype}: relative gradient error {overall:.2e} overall, {worst:.2e} worst tensor")
     assert overall < global_tol, overall
     assert worst < tensor_tol, worst
-
-
-@pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
-def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_tol):
-    views = torch.cat(global_views()).to(dtype)  # 24 views -> 4 chunks of 6
-    plain = make_model().eval().to(dtype)
-    loss_a = loss_and_backward(plain, views, NTXentLoss(0.1), use_amp=False)
-    cached = make_model().eval().to(dtype)
-    loss_b = cached_loss_and_backward(cached, views, NTXentLoss(0.1), use_amp=False, chunk=6)
-    assert loss_b.item() == pytest.approx(loss_a.item(), rel=global_tol)
-    a, b = grads_of(plain), grads_of(cached)
-    assert a.keys() == b.keys()
-    assert relative_error(flat(b, a), flat(a, a)) < global_tol
-    assert max(relative_error(b[k], a[k]) for k in a) < tensor_tol
-
-
-def test_gradient_cache_replays_dropout_and_updates_batch_norm_once():
-    # stochastic depth in train mode: the recompute must draw the same masks as the first pass,
-    # so the cached gradient equals a chunk-by-chunk forward that keeps its graph
-    views = torch.cat(global_views())
-    reference = make_model(drop_path_rate=0.5).train()
-    torch.manual_seed(123)
-    z = torch.cat([reference(piece) for piece in views.split(6)])
-    loss_ref = NTXentLoss(0.1)(*z.float().chunk(2))
-    loss_ref.backward()
-    cached = make_model(drop_path_rate=0.5).train()
-    torch.manual_seed(123)
-    loss = cached_loss_and_backward(cached, views, NTXentLoss(0.1), use_amp=False, chunk=6)
-    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
-    a, b = grads_of(reference), grads_of(cached)
-    assert relative_error(flat(b, a), flat(a, a)) < 1e-5
-    for (name, buf_ref), (_, buf) in zip(reference.named_buffers(), cached.named_buffers()):
-        torch.testing.assert_close(buf, buf_ref, msg=name)  # running stats: one update per chunk
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def run_process(*args):
