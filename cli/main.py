@@ -49,8 +49,7 @@ def cli():
 def _register():
     from simclr_path.cli import downstream_commands, tile_commands, train_commands
 
-    for command in (tile_commands.tile, tile_commands.info, tile_commands.coords, *train_commands.COMMANDS,
-                    *downstream_commands.COMMANDS):
+    for command in (*tile_commands.COMMANDS, *train_commands.COMMANDS, *downstream_commands.COMMANDS):
         cli.add_command(command)
 
 

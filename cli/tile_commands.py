@@ -47,10 +47,10 @@ def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissu
     paths from stdin. Rerunning the same command resumes: complete slides are skipped by content
     fingerprint. Exit code 0 only when every slide is tiled (or already was).
     """
-    from simclr_path.wsi.discover import find_slides, parse_shard, take_shard
     from simclr_path.errors import SimclrPathError
-    from simclr_path.wsi.grid import TileSpec
     from simclr_path.runtime.console import Reporter
+    from simclr_path.wsi.discover import find_slides, parse_shard, take_shard
+    from simclr_path.wsi.grid import TileSpec
     from simclr_path.wsi.slide import load_mpp_table
     from simclr_path.wsi.tiler import tile_slides
 
@@ -91,3 +91,6 @@ def coords(stores, out):
 
     written = write_coords_files(list(stores), out)
     _echo_json({"out": os.path.abspath(out), "files": len(written)})
+
+
+COMMANDS = [tile, info, coords]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from simclr_path.data.views import ViewConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import log
-from simclr_path.data.views import ViewConfig
-
 
 
 def presets():
@@ -29,7 +28,7 @@ def presets():
 
 @dataclass
 class ModelConfig:
-    """Backbone and projection head (see :class:`simclr_path.model.SimCLRModel`)."""
+    """Backbone and projection head (see :class:`simclr_path.models.SimCLRModel`)."""
 
     backbone: str = "resnet50"
     pretrained: str | None = None
