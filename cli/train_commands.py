@@ -48,8 +48,8 @@ def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image
     the environment. Prints one JSON summary line on stdout; progress and logs go to stderr.
     """
     from simclr_path.engine.config import apply_overrides, load_config
-    from simclr_path.errors import SimclrPathError
     from simclr_path.engine.launch import run_pretrain
+    from simclr_path.errors import SimclrPathError
 
     if gpus is not None and nproc is not None:
         raise SimclrPathError("give --gpus or --nproc, not both")

@@ -12,12 +12,12 @@ import os
 import cv2
 import numpy as np
 
-from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
 from simclr_path.downstream.encoder import export_encoder
-from simclr_path.wsi.grid import TileSpec
-from simclr_path.runtime.console import Reporter, log
-from simclr_path.wsi.tiler import tile_slides
+from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
 from simclr_path.engine.pretrain import pretrain
+from simclr_path.runtime.console import Reporter, log
+from simclr_path.wsi.grid import TileSpec
+from simclr_path.wsi.tiler import tile_slides
 
 DEMO_MPP = 0.25
 

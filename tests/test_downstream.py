@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import one_json, run_cli
 from simclr_path import PatchStore, load_encoder
 from simclr_path.engine.features import EncoderInputs
 from simclr_path.engine.knn import accuracy, knn_predict
+
+from cli_helpers import one_json, run_cli
 
 
 def test_knn_check_is_logged_during_pretraining(pcam_run):

@@ -10,8 +10,6 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import assert_error, run_cli
-from contrastive_helpers import flat, global_views, grads_of, make_model, relative_error
 from simclr_path import NTXentLoss, load_encoder
 from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
@@ -20,6 +18,8 @@ from simclr_path.engine.pretrain import pretrain
 from simclr_path.errors import SimclrPathError
 from simclr_path.models import SimCLRModel
 
+from cli_helpers import assert_error, run_cli
+from contrastive_helpers import flat, global_views, grads_of, make_model, relative_error
 
 TINY = dict(backbone="resnet10t", batch=32, image_size=64, workers=2, device="cpu")
 
@@ -138,8 +138,8 @@ def test_bad_inputs_are_one_line_errors(real_store, tmp_path):
 
 
 def test_empty_store_and_other_backbone_checkpoint(real_store, tmp_path):
-    from simclr_path.wsi.grid import TileSpec
     from simclr_path.store import StoreWriter
+    from simclr_path.wsi.grid import TileSpec
 
     empty = tmp_path / "empty.h5"
     StoreWriter(str(empty), TileSpec().as_attrs()).close()

@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from cli_helpers import assert_error, run_cli
 from simclr_path.engine.config import PretrainConfig, load_config, preset_names
+
+from cli_helpers import assert_error, run_cli
 
 
 def test_commands_are_installed_under_our_own_package_name():

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cli_helpers import run_cli
-from contrastive_helpers import B, flat, global_views, grads_of, make_model, relative_error
 from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.engine.gradients import loss_and_backward
 from simclr_path.losses import NTXentLoss
+
+from cli_helpers import run_cli
+from contrastive_helpers import B, flat, global_views, grads_of, make_model, relative_error
 
 
 def _rank_main(rank, world, init_file, out, dtype):

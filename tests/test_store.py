@@ -4,8 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cli_helpers import assert_one_line_error, one_json, run_cli, summary
 from simclr_path import PatchStore
+
+from cli_helpers import assert_one_line_error, one_json, run_cli, summary
 from synthetic import tissue_image, write_slide
 
 

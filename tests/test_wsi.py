@@ -8,12 +8,13 @@ import numpy as np
 import openslide
 import pytest
 
-from cli_helpers import assert_one_line_error, run_cli, summary
 from simclr_path import PatchStore
 from simclr_path.wsi.grid import TileSpec, plan_patches
 from simclr_path.wsi.slide import read_meta
 from simclr_path.wsi.tile_reader import read_patch_direct
 from simclr_path.wsi.tiler import tile_slides
+
+from cli_helpers import assert_one_line_error, run_cli, summary
 from synthetic import tissue_image, write_slide
 
 
@@ -259,8 +260,8 @@ def test_bad_paths_and_outputs(tmp_path):
 def test_disk_full_keeps_finished_slides(tmp_path, monkeypatch):
     import errno
 
-    from simclr_path.wsi import tiler as tiling
     from simclr_path.errors import SimclrPathError
+    from simclr_path.wsi import tiler as tiling
 
     slides = [write_slide(tmp_path / f"{n}.tif", tissue_image(1024, 1024, seed=i), levels=2) for i, n in enumerate("ab")]
     out = tmp_path / "p.h5"

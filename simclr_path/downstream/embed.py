@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 import torch
 
-from simclr_path.errors import SimclrPathError
 from simclr_path.engine.features import extract_features
+from simclr_path.errors import SimclrPathError
 from simclr_path.store import PatchStore, PatchSubset
 
 

@@ -18,8 +18,8 @@ import os
 import torch
 
 from simclr_path import __version__
-from simclr_path.engine.config import upgrade_config_dict
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
+from simclr_path.engine.config import upgrade_config_dict
 from simclr_path.errors import SimclrPathError
 
 ENCODER_FORMAT = "simclr-path encoder"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from simclr_path.errors import SimclrPathError
 from simclr_path.downstream.encoder import read_encoder
+from simclr_path.errors import SimclrPathError
 
 
 def smp_encoder_state(encoder_path: str, encoder: nn.Module) -> dict:

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from simclr_path.store.ingest import read_image
 from simclr_path.data.normalize import normalize
+from simclr_path.store.ingest import read_image
 
 
 class EncoderInputs(torch.utils.data.Dataset):

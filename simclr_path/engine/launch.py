@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from simclr_path.runtime import distributed
 from simclr_path.engine.config import PretrainConfig
-from simclr_path.errors import SimclrPathError
-from simclr_path.runtime.device import resolve_device
 from simclr_path.engine.pretrain import preflight, pretrain
+from simclr_path.errors import SimclrPathError
+from simclr_path.runtime import distributed
+from simclr_path.runtime.device import resolve_device
 
 
 def run_pretrain(stores: list[str], out: str, cfg: PretrainConfig, nproc: int = 1, progress: bool = True) -> dict | None:

@@ -18,8 +18,8 @@ import cv2
 import h5py
 import numpy as np
 
-from simclr_path.store.codecs import create_pixel_dataset, encode_jpeg, write_patches
 from simclr_path.errors import SimclrPathError
+from simclr_path.store.codecs import create_pixel_dataset, encode_jpeg, write_patches
 from simclr_path.store.writer import StoreWriter
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

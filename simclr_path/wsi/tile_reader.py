@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import openslide
 
-from simclr_path.store.codecs import encode_patches
 from simclr_path.errors import SlideError
-from simclr_path.wsi.preview import legend_text, write_preview
+from simclr_path.store.codecs import encode_patches
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
+from simclr_path.wsi.preview import legend_text, write_preview
 from simclr_path.wsi.slide import SlideMeta, open_slide, read_meta, read_rgb
 from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simclr_path.errors import SimclrPathError, SlideError
+from simclr_path.runtime.console import Reporter
+from simclr_path.store import StoreWriter
 from simclr_path.store.codecs import create_pixel_dataset, write_patches
 from simclr_path.wsi.discover import slide_names
-from simclr_path.errors import SimclrPathError, SlideError
-from simclr_path.wsi.tile_reader import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
 from simclr_path.wsi.grid import TileSpec
-from simclr_path.runtime.console import Reporter
 from simclr_path.wsi.slide import fingerprint
-from simclr_path.store import StoreWriter
+from simclr_path.wsi.tile_reader import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
 
 
 @dataclass
