@@ -64,3 +64,38 @@ def test_saved_config_round_trips_with_the_new_names(tmp_path):
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "global_batch" in data["optim"] and "temperature" in data["loss"] and "bf16" in data["run"]
     assert PretrainConfig.from_dict(data) == cfg
+
+
+#: What each stage may import (besides itself, ``simclr_path.errors`` and the package root):
+#: the stages before it in the data flow, and ``runtime``. Nothing imports a later stage.
+ALLOWED_IMPORTS = {
+    "runtime": set(),
+    "store": {"runtime"},
+    "wsi": {"runtime", "store"},
+    "data": {"runtime", "store"},
+    "models": {"runtime"},
+    "losses": {"runtime"},
+    "optim": {"runtime"},
+    "engine": {"runtime", "store", "data", "models", "losses", "optim"},
+    "downstream": {"runtime", "wsi", "store", "data", "models", "losses", "optim", "engine"},
+}
+
+
+def test_imports_go_one_way_down_the_pipeline():
+    import ast
+    from pathlib import Path
+
+    import simclr_path
+
+    root = Path(simclr_path.__file__).parent
+    wrong = []
+    for path in root.rglob("*.py"):
+        stage = path.relative_to(root).parts[0]
+        if stage not in ALLOWED_IMPORTS:
+            continue  # the package root, errors.py, demo.py (the whole chain) and the CLI may use any stage
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("simclr_path."):
+                target = node.module.split(".")[1]
+                if target not in ALLOWED_IMPORTS[stage] | {stage, "errors"}:
+                    wrong.append(f"{path.relative_to(root)} imports {node.module}")
+    assert not wrong, wrong
