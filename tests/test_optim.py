@@ -24,18 +24,21 @@ def test_lars_groups_hold_exactly_biases_and_norm_parameters():
     assert groups[0]["weight_decay"] == 1e-6 and groups[1]["weight_decay"] == 0.0
 
 
-def test_lars_adapts_weights_but_not_biases_or_norms():
+@pytest.mark.parametrize("weight_decay", [1e-6, 1e-4, 0.0])
+def test_lars_adapts_weights_but_not_biases_or_norms(weight_decay):
+    """Adaptation follows the group, whatever the decay: with weight_decay 0 timm's Lars would
+    otherwise skip adaptation and take plain SGD steps of lr * grad on the weights."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    opt = build_optimizer(model, lr=0.5, momentum=0.9, weight_decay=1e-6, trust_coeff=0.001)
+    opt = build_optimizer(model, lr=0.5, momentum=0.9, weight_decay=weight_decay, trust_coeff=0.001)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(8, 4)).pow(2).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     for name in ("0.bias", "1.weight", "1.bias"):  # plain SGD step: lr * grad
         torch.testing.assert_close(model.get_parameter(name), before[name] - 0.5 * grads[name])
-    w, g = before["0.weight"], grads["0.weight"] + 1e-6 * before["0.weight"]
-    trust = 0.001 * w.norm() / g.norm()
+    w, g = before["0.weight"], grads["0.weight"] + weight_decay * before["0.weight"]
+    trust = 0.001 * w.norm() / (grads["0.weight"].norm() + weight_decay * w.norm())
     torch.testing.assert_close(model.get_parameter("0.weight"), w - 0.5 * trust * g)
 
 
