@@ -45,20 +45,27 @@ def ingest(folder, out, size, mpp, labels):
 @click.command("eval", epilog="""\b
 Examples:
   simclr-path eval encoder.pt --labeled pcam/valid --test pcam/test
-  simclr-path eval encoder.pt --labeled labels.csv            # path,label[,split]
+  simclr-path eval encoder.pt --labeled labels.csv            # path,label[,split][,group]
   simclr-path eval encoder.pt --labeled tiles.h5 --test-fraction 0.3 --seed 1
+  simclr-path eval encoder.pt --labeled crc/ --group-regex '^(GT\\d+)-'   # split by patient
 """)
 @click.argument("encoder", type=click.Path(dir_okay=False))
-@click.option("--labeled", required=True, help="Class folders, a path,label[,split] CSV, or a labelled store.")
+@click.option("--labeled", required=True,
+              help="Class folders, a path,label[,split][,group] CSV, or a labelled store.")
 @click.option("--test", default=None, help="Held-out set in the same form [default: split --labeled].")
 @click.option("--test-fraction", type=float, default=0.3, show_default=True)
+@click.option("--group-regex", default=None,
+              help="Read each patch's group (patient/case/slide) from its file name: the regex's first capture "
+                   "group, else its whole match. With groups (this, or a CSV 'group' column) every split is by "
+                   "group.")
 @click.option("--max-per-class", type=int, default=None, help="Subsample each class (faster).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch", type=int, default=128, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--no-floor", is_flag=True, help="Skip the random-init floor.")
-def evaluate(encoder, labeled, test, test_fraction, max_per_class, seed, device, batch, workers, no_floor):
+def evaluate(encoder, labeled, test, test_fraction, group_regex, max_per_class, seed, device, batch, workers,
+             no_floor):
     """kNN (k=20, cosine, weighted) and linear-probe accuracy of an encoder, vs a random-init floor.
 
     One JSON line on stdout, a table on stderr.
@@ -67,10 +74,13 @@ def evaluate(encoder, labeled, test, test_fraction, max_per_class, seed, device,
     from simclr_path.runtime.console import stderr_console
 
     result = evaluate_encoder(encoder, labeled, test, test_fraction, seed, max_per_class, device, batch, workers,
-                              random_floor=not no_floor)
+                              random_floor=not no_floor, group_regex=group_regex)
     from rich.table import Table
 
-    table = Table(title=f"{result['timm_model']}: {result['n_train']} train / {result['n_test']} test patches")
+    title = f"{result['timm_model']}: {result['n_train']} train / {result['n_test']} test patches"
+    if "groups" in result:
+        title += f" ({result['groups']['train']} / {result['groups']['test']} groups)"
+    table = Table(title=title)
     table.add_column("encoder")
     for column in ("kNN acc", "kNN bal. acc", "linear acc", "linear bal. acc"):
         table.add_column(column, justify="right")

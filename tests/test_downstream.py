@@ -1,18 +1,24 @@
 """`embed`, `eval`, the kNN check during pretraining, and the segmentation recipe, on the real PCam
 patches."""
 
+import csv
 import json
+from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from simclr_path import PatchStore, load_encoder
+from simclr_path.data.labeled import group_split, load_labeled
+from simclr_path.downstream import evaluate as evaluate_module
+from simclr_path.downstream.encoder import ENCODER_FORMAT
 from simclr_path.engine.features import EncoderInputs
 from simclr_path.engine.knn import accuracy, knn_predict
 
-from cli_helpers import one_json, run_cli
+from cli_helpers import assert_error, one_json, run_cli
 
 
 def test_knn_check_is_logged_during_pretraining(pcam_run):
@@ -96,3 +102,180 @@ def test_smp_unet_takes_the_encoder_with_every_key_matched(pcam_run):
     with torch.no_grad():
         mask = unet.eval()(torch.randn(1, 3, 64, 64))
     assert mask.shape == (1, 2, 64, 64)
+
+
+GLAS_GRADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "segmentation" / "glas" / "Grade.csv"
+
+
+def _sides_share_no_group(groups, train, test):
+    return not set(groups[train]) & set(groups[test])
+
+
+def _patients(n_per_class=6, patches=4, mixed=True):
+    """Labels and patient groups: each patient mostly one class, some with a patch of the other."""
+    labels, groups = [], []
+    for c in (0, 1):
+        for p in range(n_per_class):
+            size = patches + p % 3
+            labels += [c] * size + ([1 - c] if mixed and p % 2 else [])
+            groups += [f"P{c}{p}"] * (size + (1 if mixed and p % 2 else 0))
+    return np.array(labels), np.array(groups)
+
+
+def test_group_split_keeps_every_group_on_one_side_for_many_seeds():
+    labels, groups = _patients()
+    for seed in range(50):
+        train, test = group_split(labels, groups, 0.3, seed)
+        assert _sides_share_no_group(groups, train, test)
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(labels)))
+        assert set(labels[train]) == set(labels[test]) == {0, 1}
+        assert 0.15 < len(test) / len(labels) < 0.45
+        np.testing.assert_array_equal(group_split(labels, groups, 0.3, seed)[1], test)  # seeded
+    assert len({tuple(group_split(labels, groups, 0.3, s)[1]) for s in range(20)}) > 1  # the seed matters
+
+
+def test_group_split_on_glas_patients(tmp_path):
+    """GlaS's 165 images of 16 patients, by grade: read through a path,label,group CSV, split by patient."""
+    if not GLAS_GRADES.exists():
+        pytest.skip("../shared/data/segmentation/glas is not present")
+    with open(GLAS_GRADES, newline="") as fh:
+        rows = [[c.strip() for c in r] for r in csv.reader(fh)][1:]
+    lines = ["path,label,group"] + [f"{GLAS_GRADES.parent / 'images' / (n + '.jpg')},{grade},{pid}"
+                                    for n, pid, grade, _ in rows]
+    (tmp_path / "glas.csv").write_text("\n".join(lines) + "\n")
+    data = load_labeled(str(tmp_path / "glas.csv"))
+    assert data.classes == ["benign", "malignant"] and len(set(data.groups)) == 16
+    for seed in range(50):
+        train, test = group_split(data.labels, data.groups, 0.3, seed, classes=data.classes)
+        assert _sides_share_no_group(data.groups, train, test)
+        assert set(data.labels[test]) == {0, 1}
+
+
+def test_probe_chooses_its_l2_strength_on_held_out_groups(monkeypatch):
+    labels, groups = _patients(n_per_class=5)
+    for seed in range(30):
+        fit, held = evaluate_module.probe_split(labels, groups, seed)
+        assert len(fit) and len(held) and _sides_share_no_group(groups, fit, held)
+    # tuned_linear_probe really uses it: the features are the row numbers, so each fit sees its rows
+    calls = []
+
+    def recording(train, train_labels, test, num_classes, weight_decay=1e-4, iterations=200):
+        calls.append((train[:, 0].long().tolist(), test[:, 0].long().tolist()))
+        return torch.zeros(len(test), dtype=torch.long)
+
+    monkeypatch.setattr(evaluate_module, "linear_probe_predict", recording)
+    rows = torch.arange(len(labels)).float()[:, None]
+    evaluate_module.tuned_linear_probe(rows, torch.as_tensor(labels), rows[:3], 2, seed=1, groups=groups)
+    assert len(calls) == len(evaluate_module.PROBE_WEIGHT_DECAYS) + 1
+    for fit_rows, held_rows in calls[:-1]:
+        assert _sides_share_no_group(groups, fit_rows, held_rows)
+    fit_rows, held_rows = calls[0]
+    ungrouped = evaluate_module.probe_split(labels, None, 1)
+    assert (fit_rows, held_rows) != (ungrouped[0].tolist(), ungrouped[1].tolist())
+
+
+def _write_patients(root, names_by_class, subfolder=""):
+    """Tiny PNGs in class folders, coloured by class, named as given."""
+    for c, names in names_by_class.items():
+        folder = root / c / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            img = np.full((16, 16, 3), (200, 60, 60) if c == "a" else (60, 60, 200), np.uint8)
+            img[i % 16] = 255
+            cv2.imwrite(str(folder / name), img)
+    return root
+
+
+def _patient_names(first, last, per=4):
+    return [f"GT{p:02d}-{k}.png" for p in range(first, last) for k in range(per)]
+
+
+def test_group_regex_reads_the_group_from_file_names(tmp_path):
+    root = _write_patients(tmp_path / "tiles", {"a": _patient_names(1, 4), "b": _patient_names(4, 7)},
+                           subfolder="GT99-batch")  # a folder name the regex would also match
+    data = load_labeled(str(root), r"(GT\d+)-")
+    assert sorted(set(data.groups)) == [f"GT{p:02d}" for p in range(1, 7)]
+    assert load_labeled(str(root), r"GT\d+").groups.tolist() == data.groups.tolist()  # no capture: whole match
+    assert load_labeled(str(root)).groups is None
+    files = [p.relative_to(tmp_path) for p in data.images]
+    (tmp_path / "l.csv").write_text("path,label\n" + "".join(f"{f},{f.parts[1]}\n" for f in files))
+    assert load_labeled(str(tmp_path / "l.csv"), r"^(GT\d+)").groups.tolist() == data.groups.tolist()
+    one_json(run_cli("ingest", root, "--out", tmp_path / "tiles.h5"))
+    stored = load_labeled(str(tmp_path / "tiles.h5"), r"^(GT\d+)-")
+    assert sorted(stored.groups.tolist()) == sorted(data.groups.tolist())
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A random-init resnet10t in the export format (32 px input): enough to run ``eval`` quickly."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    meta = {"format": ENCODER_FORMAT, "version": 1, "timm_model": "resnet10t", "num_features": model.num_features,
+            "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
+    path = tmp_path_factory.mktemp("tiny") / "encoder.pt"
+    torch.save({"state_dict": model.state_dict(), "simclr_path": meta}, path)
+    return path
+
+
+def test_eval_splits_by_patient_and_says_so(tiny_encoder, tmp_path):
+    root = _write_patients(tmp_path / "tiles", {"a": _patient_names(1, 7), "b": _patient_names(7, 13)})
+    r = run_cli("eval", tiny_encoder, "--labeled", root, "--group-regex", r"^(GT\d+)-", "--device", "cpu",
+                "--workers", 0, "--no-floor")
+    result = one_json(r)
+    assert result["split"] == "group" and result["groups"]["train"] + result["groups"]["test"] == 12
+    assert result["n_train"] + result["n_test"] == 48 and result["n_test"] % 4 == 0  # whole patients
+    assert {"linear_balanced_acc", "knn_balanced_acc"} <= set(result["pretrained"])
+    assert "groups)" in r.stderr  # the table's title
+
+
+def test_split_labeled_names_how_it_split(tmp_path):
+    root = _write_patients(tmp_path / "tiles", {"a": _patient_names(1, 4), "b": _patient_names(4, 7)})
+    split = evaluate_module.split_labeled
+    train, test, how = split(str(root), None, 0.3, 0, r"^(GT\d+)-")
+    assert how == "group" and not set(train.groups) & set(test.groups)
+    assert split(str(root), None, 0.3, 0)[2] == "stratified"
+    assert split(str(root), str(root), 0.3, 0)[2] == "test-set"
+    files = sorted(p.relative_to(tmp_path) for p in root.rglob("*.png"))
+    rows = [["path", "label", "split", "group"]] + [[str(f), f.parts[1], "test" if f.name[3] in "36" else "train",
+                                                     f.name[:4]] for f in files]
+    train, test, how = split(str(_csv(tmp_path / "l.csv", rows)), None, 0.3, 0)
+    assert how == "csv" and set(test.groups) == {"GT03", "GT06"} and len(set(train.groups)) == 4
+
+
+def _csv(path, rows):
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["one-group", "class-on-one-side", "no-match", "column-and-regex", "bad-regex",
+                                  "empty-group", "csv-split-leaks", "probe-one-group"])
+def test_group_problems_are_one_line_errors(tiny_encoder, tmp_path, case):
+    root = _write_patients(tmp_path / "tiles", {"a": _patient_names(1, 4), "b": _patient_names(4, 5) + ["x.png"]})
+    files = sorted(p.relative_to(tmp_path) for p in root.rglob("*.png"))
+    rows = [["path", "label", "group"]] + [[str(f), f.parts[1], f.name[:4]] for f in files if f.name != "x.png"]
+    args, needles = ["--labeled", root, "--group-regex", r"^(GT\d+)-"], ()
+    if case == "one-group":
+        one = [rows[0]] + [r[:2] + ["P1"] for r in rows[1:]]
+        args, needles = ["--labeled", _csv(tmp_path / "l.csv", one)], ("l.csv", "1 group", "at least 2")
+    elif case == "class-on-one-side":  # class b has a single patient
+        args, needles = ["--labeled", _csv(tmp_path / "l.csv", rows)], ("l.csv", "'b'", "add groups")
+    elif case == "no-match":
+        needles = ("x.png", "--group-regex", "change the regex")
+    elif case == "column-and-regex":
+        args[1], needles = _csv(tmp_path / "l.csv", rows), ("l.csv", "give one of")
+    elif case == "bad-regex":
+        args[3], needles = "(GT", ("--group-regex", "not a valid regular expression")
+    elif case == "empty-group":
+        rows[2][2] = ""
+        args, needles = ["--labeled", _csv(tmp_path / "l.csv", rows)], ("l.csv", "line 3", "empty 'group'")
+    elif case == "csv-split-leaks":
+        split = [rows[0] + ["split"]] + [r + ["test" if i % 2 else "train"] for i, r in enumerate(rows[1:])]
+        args, needles = ["--labeled", _csv(tmp_path / "l.csv", split)], ("l.csv", "both train and test")
+    elif case == "probe-one-group":
+        split = [rows[0] + ["split"]] + [r[:2] + ["P1" if r[1] == "a" else "P2", "train" if r[1] == "a" else "test"]
+                                         for r in rows[1:]]
+        split += [[r[0], "b", "P1", "train"] for r in rows[1:3]] + [[r[0], "a", "P2", "test"] for r in rows[-2:]]
+        args, needles = ["--labeled", _csv(tmp_path / "l.csv", split)], ("l.csv", "1 group", "linear probe")
+    assert_error(run_cli("eval", tiny_encoder, *args, "--device", "cpu", "--workers", 0), *needles)
