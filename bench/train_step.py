@@ -5,6 +5,12 @@ projection head, NT-Xent (fp32), backward, LARS step, scheduler update. "Bare" i
 alone on the same 2B images with a trivial loss and a plain SGD step. The ratio is the overhead of
 SimCLR itself (head, loss, LARS). Views/s = images (2 per patch) per second; median of timed steps.
 
+"pretrain end to end" (``--end-to-end``, default on) runs ``pretrain()`` itself - the run-long
+DataLoader with ``--workers`` augmenting views from a real store, and the training loop - for the
+same model and batch, and reports its steady views/s (median of per-step rates after warm-up, from
+metrics.jsonl) against the SimCLR step on preloaded views: the loader keeps up when the ratio is
+close to 1 (target >= 0.95 with 2 workers).
+
 Usage: python bench/train_step.py [--backbone resnet18] [--batch 32] [--image-size 96]
        [--device cpu|cuda] [--amp] [--channels-last] [--compile] [--steps 10]
 """
@@ -62,6 +68,10 @@ def main():
     parser.add_argument("--chunk", default=None, help="gradient cache: views per chunk or 'auto' (CUDA)")
     parser.add_argument("--skip-bare", action="store_true", help="only the SimCLR step (e.g. batches too big for one pass)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                        help="skip the pretrain() run (loader + loop)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of the end-to-end run")
+    parser.add_argument("--store", default=None, help="store for the end-to-end run [default: CMU-1-Small-Region]")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -126,6 +136,44 @@ def main():
         print(f"\nSimCLR / bare throughput: {t_bare / t_simclr:.3f}x")
     if device.type == "cuda":
         print(f"SimCLR peak GPU memory {peak:.2f} GiB")
+    if args.end_to_end:
+        rate = end_to_end(args)
+        print(f"{'pretrain e2e':14} | {n / rate * 1e3:8.1f} | {rate:8.1f}   "
+              f"({args.workers} loader workers, real store)")
+        print(f"\npretrain end to end / SimCLR step: {rate / (n / t_simclr):.3f}x")
+
+
+def end_to_end(args) -> float:
+    """Median views/s of pretrain() itself (loader + loop) after warm-up, same model and batch."""
+    import json
+    import tempfile
+
+    from simclr_path.engine.config import PretrainConfig
+    from simclr_path.engine.pretrain import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.store or default_store(tmp)
+        cfg = PretrainConfig()
+        cfg.model.backbone, cfg.model.channels_last, cfg.model.compile = args.backbone, args.channels_last, args.compile
+        cfg.views.image_size = args.image_size
+        cfg.optim.global_batch, cfg.optim.epochs = args.batch, 10_000
+        cfg.optim.max_steps = args.warmup + args.steps
+        cfg.run.device, cfg.run.workers, cfg.run.bf16 = args.device, args.workers, args.amp
+        cfg.run.log_every, cfg.run.checkpoint_every = 1, 10**9
+        pretrain([store], f"{tmp}/run", cfg, progress=False)
+        with open(f"{tmp}/run/metrics.jsonl") as fh:
+            records = [json.loads(line) for line in fh]
+        return statistics.median(r["img_per_s"] for r in records if r["step"] > args.warmup)
+
+
+def default_store(tmp: str) -> str:
+    from simclr_path.wsi.grid import TileSpec
+    from simclr_path.wsi.tiler import tile_slides
+
+    slide = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    out = f"{tmp}/e2e.h5"
+    tile_slides([str(slide)], out, TileSpec(target_mpp=0.5, patch_size=256, min_tissue=0.1), workers=0)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The training engine: pretrain runs, resume, checkpoints, export round trip, run-folder errors,
 the gradient cache; on a store tiled from the real slides."""
 
+import itertools
 import json
 import os
 
@@ -13,7 +14,7 @@ import torch
 from simclr_path import NTXentLoss, load_encoder
 from simclr_path.engine.checkpoint import load_checkpoint
 from simclr_path.engine.config import PretrainConfig, apply_overrides, load_config
-from simclr_path.engine.gradients import cached_loss_and_backward, loss_and_backward
+from simclr_path.engine.gradients import cached_loss_and_backward, loss_and_backward, shuffled_order
 from simclr_path.engine.pretrain import pretrain
 from simclr_path.errors import SimclrPathError
 from simclr_path.models import SimCLRModel
@@ -196,6 +197,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, t
 
 @pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
 def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_tol):
+    """With batch norm in eval mode the cached gradient is the full-batch one, views shuffled or not."""
     views = torch.cat(global_views()).to(dtype)  # 24 views -> 4 chunks of 6
     plain = make_model().eval().to(dtype)
     loss_a = loss_and_backward(plain, views, NTXentLoss(0.1), use_amp=False)
@@ -208,20 +210,86 @@ def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_
     assert max(relative_error(b[k], a[k]) for k in a) < tensor_tol
 
 
-def test_gradient_cache_replays_dropout_and_updates_batch_norm_once():
+def test_gradient_cache_replays_dropout_and_updates_batch_norm_once_per_chunk():
     # stochastic depth in train mode: the recompute must draw the same masks as the first pass,
-    # so the cached gradient equals a chunk-by-chunk forward that keeps its graph
+    # so the cached gradient equals a forward of the same shuffled chunks that keeps its graph
     views = torch.cat(global_views())
     reference = make_model(drop_path_rate=0.5).train()
     torch.manual_seed(123)
-    z = torch.cat([reference(piece) for piece in views.split(6)])
+    order = shuffled_order(len(views), 11)
+    z = torch.cat([reference(piece) for piece in views[order].split(6)])[torch.argsort(order)]
     loss_ref = NTXentLoss(0.1)(*z.float().chunk(2))
     loss_ref.backward()
     cached = make_model(drop_path_rate=0.5).train()
     torch.manual_seed(123)
-    loss = cached_loss_and_backward(cached, views, NTXentLoss(0.1), use_amp=False, chunk=6)
+    loss = cached_loss_and_backward(cached, views, NTXentLoss(0.1), use_amp=False, chunk=6, shuffle_seed=11)
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
     a, b = grads_of(reference), grads_of(cached)
     assert relative_error(flat(b, a), flat(a, a)) < 1e-5
     for (name, buf_ref), (_, buf) in zip(reference.named_buffers(), cached.named_buffers()):
         torch.testing.assert_close(buf, buf_ref, msg=name)  # running stats: one update per chunk
+
+
+def test_a_nan_between_sync_steps_is_caught_before_anything_is_saved(real_store, tmp_path, monkeypatch):
+    """Losses are read every log_every steps and at every checkpoint step: a NaN at step 5 is found
+    at step 6, the step-6 checkpoint is never written, and the error names step 5."""
+    from simclr_path.engine import pretrain as train
+
+    real_loss = train.NTXentLoss.forward
+    calls = {"n": 0}
+
+    def nan_at_5(self, z0, z1):
+        calls["n"] += 1
+        loss = real_loss(self, z0, z1)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train.NTXentLoss, "forward", nan_at_5)
+    cfg = tiny_config(max_steps=8, checkpoint_every=3)
+    cfg.run.log_every = 100
+    run = str(tmp_path / "run")
+    with pytest.raises(SimclrPathError, match="at step 5"):
+        pretrain([str(real_store)], run, cfg, progress=False)
+    assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 3
+
+
+def chunks_sharing_a_patch_set(order: torch.Tensor, patches: int, chunk: int) -> int:
+    """Pairs of chunks that hold exactly the same patches (one chunk their first views, the other their
+    second): per-chunk batch-norm statistics would then be a signature shared by positives."""
+    patch_sets = [frozenset((order[i:i + chunk] % patches).tolist()) for i in range(0, len(order), chunk)]
+    return sum(a == b for a, b in itertools.combinations(patch_sets, 2))
+
+
+@pytest.mark.parametrize("patches,chunk", [(12, 6), (64, 16), (64, 8), (256, 32)])
+def test_gradient_cache_shuffles_views_so_positives_never_share_a_chunk_layout(patches, chunk):
+    unshuffled = torch.arange(2 * patches)
+    assert chunks_sharing_a_patch_set(unshuffled, patches, chunk) > 0  # the leak the shuffle removes
+    for step in range(200):
+        order = shuffled_order(2 * patches, step)
+        assert sorted(order.tolist()) == list(range(2 * patches))
+        assert chunks_sharing_a_patch_set(order, patches, chunk) == 0
+
+
+def test_stores_of_different_resolutions_need_mixed_mpp_and_are_all_recorded(tmp_path):
+    import cv2
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    stores = []
+    for mpp in (0.5, 0.25):
+        stores.append(tmp_path / f"s{mpp}.h5")
+        assert run_cli("ingest", tmp_path / "images", "--out", stores[-1], "--no-labels", "--mpp", mpp).exit_code == 0
+    args = ["--backbone", "resnet10t", "--batch", 16, "--image-size", 48, "--max-steps", 1, "--device", "cpu",
+            "--workers", 0, "-q"]
+    assert_error(run_cli("pretrain", *stores, "--out", tmp_path / "run", *args), "different resolutions",
+                 "0.5 um/px", "0.25 um/px", "--mixed-mpp")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    r = run_cli("pretrain", *stores, "--out", tmp_path / "run", *args, "--mixed-mpp")
+    assert r.exit_code == 0, r.stderr
+    assert run_cli("export", tmp_path / "run", tmp_path / "enc.pt").exit_code == 0
+    _, meta = load_encoder(str(tmp_path / "enc.pt"))
+    assert sorted(s["target_mpp"] for s in meta["store_resolutions"]) == [0.25, 0.5]
+    assert meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # the first store's patches at 48 px
+    assert meta["crop_scale"] == [0.08, 1.0]  # the default views (no --config)

@@ -6,16 +6,20 @@ import albumentations as A
 import numpy as np
 import torch
 
-from simclr_path.data.views import ViewConfig, build_transform, sample_seed
+from simclr_path.data.views import ViewConfig, build_transform, draw_views, sample_seed
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Each item is two independently augmented uint8 views (3, S, S) of the same patch.
+    """Each item is two independently augmented views of the same patch: uint8 HWC tensors (S, S, 3).
+
+    ``dataset[i]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(epoch, i)]`` names the epoch,
+    which is how the run-long loader asks for items (its workers outlive epochs). The views of one
+    item depend only on ``(seed, epoch, i)``.
 
     Args:
         store: a :class:`~simclr_path.PatchStore` (or any sequence of HxWx3 uint8 arrays).
         cfg: augmentation settings.
-        seed: run seed; call :meth:`set_epoch` so every epoch draws fresh views.
+        seed: run seed.
     """
 
     def __init__(self, store, cfg: ViewConfig, seed: int = 0):
@@ -31,13 +35,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         if self._transform is None:
             self._transform = build_transform(self.cfg)
-        image = self.store[index]
-        self._transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
-        views = [self._transform(image=image)["image"] for _ in range(2)]
-        return tuple(torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for v in views)
+        views = draw_views(self._transform, self.store[index], sample_seed(self.seed, epoch, index))
+        return tuple(torch.from_numpy(np.ascontiguousarray(v["image"])) for v in views)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -1,66 +1,116 @@
-"""Data loading for pretraining: a resumable distributed sampler and the two-view DataLoader.
+"""Data loading for pretraining: one sampler and one DataLoader for the whole run.
 
 The order of patches in an epoch depends only on ``(seed, epoch)`` (``DistributedSampler``'s
-shuffle), each rank takes its own slice, and a run resumed mid-epoch skips exactly the batches it
-already trained on. Worker base seeds come from a generator seeded per epoch, never from the
-global RNG, so building a loader does not disturb the model's random state.
+shuffle) and each rank takes its own slice, cut to whole batches. :class:`RunSampler` chains the
+epochs, yielding ``(epoch, index)`` pairs, so one DataLoader iterator - and its worker processes,
+with their open HDF5 files - lasts the whole run instead of being rebuilt every epoch, while each
+item still knows its epoch. A run resumed mid-epoch starts the sampler at the next batch it has not
+trained on, so it sees exactly the batches an uninterrupted run would.
+
+Workers collate one ``(2B, S, S, 3)`` uint8 tensor per batch (first views, then second views),
+which the loader pins; the training step moves it to the device and permutes it to NCHW there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
+import cv2
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from simclr_path.data.datasets import TwoViewDataset
 
 
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffle, ``drop_last``) that can start partway through an epoch.
+class RunSampler(Sampler):
+    """``(epoch, index)`` for every sample this rank trains on, from a start position to the last epoch.
 
     Args:
-        dataset: the dataset (only its length is used).
+        num_items: dataset length.
         num_replicas, rank: the process group's size and this process's rank.
         seed: shuffle seed shared by all ranks.
+        per_rank_batch: samples per step on this rank; each epoch is cut to whole batches.
+        epochs: the run's number of epochs.
+        start_epoch, start_batch: where to begin (a resumed run: the next batch not yet trained on).
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start_index = 0
+    def __init__(self, num_items: int, num_replicas: int, rank: int, seed: int, per_rank_batch: int, epochs: int,
+                 start_epoch: int = 0, start_batch: int = 0):
+        self.epoch_order = DistributedSampler(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=True,
+                                              seed=seed, drop_last=True)
+        self.per_rank_batch = per_rank_batch
+        self.steps_per_epoch = len(self.epoch_order) // per_rank_batch
+        self.epochs, self.start_epoch, self.start_batch = epochs, start_epoch, start_batch
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Select the epoch's order; skip its first ``start_index`` samples of this rank."""
-        super().set_epoch(epoch)
-        self.start_index = start_index
+    def order(self, epoch: int) -> list[int]:
+        """This rank's patch indices of ``epoch``, in training order (whole batches only)."""
+        self.epoch_order.set_epoch(epoch)
+        return list(self.epoch_order)[: self.steps_per_epoch * self.per_rank_batch]
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
+        for epoch in range(self.start_epoch, self.epochs):
+            skip = self.start_batch * self.per_rank_batch if epoch == self.start_epoch else 0
+            for index in self.order(epoch)[skip:]:
+                yield epoch, index
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        epochs = max(0, self.epochs - self.start_epoch)
+        return (epochs * self.steps_per_epoch - (self.start_batch if epochs else 0)) * self.per_rank_batch
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Workers leave SIGTERM to the training process, which checkpoints and then ends them
-    (a scheduler's ``scancel`` signals every process of the job, workers included)."""
+def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """B pairs of (S, S, 3) views -> one (2B, S, S, 3) uint8 tensor: all first views, then all second."""
+    batch = len(items)
+    out = torch.empty((2 * batch, *items[0][0].shape), dtype=torch.uint8)
+    for i, (view0, view1) in enumerate(items):
+        out[i] = view0
+        out[batch + i] = view1
+    return out
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers leave SIGTERM to the training process, which checkpoints and then ends them (a
+    scheduler's ``scancel`` signals every process of the job, workers included)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(dataset: TwoViewDataset, sampler: ResumableSampler, per_rank_batch: int, workers: int,
-                 pin_memory: bool) -> DataLoader:
+def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin_memory: bool) -> DataLoader:
+    """The run's DataLoader: batches of ``sampler.per_rank_batch`` pairs as (2B, S, S, 3) uint8."""
+    if workers > 0:
+        # One OpenCV thread per worker: the workers are the parallelism. Set here, before the workers
+        # fork, so they inherit it: calling cv2.setNumThreads in a forked child can deadlock on the
+        # parent's thread pool. (The training process itself does no OpenCV work then.)
+        cv2.setNumThreads(1)
     generator = torch.Generator()
-    generator.manual_seed(dataset.seed * 100_003 + sampler.epoch)
+    generator.manual_seed(dataset.seed * 100_003 + sampler.start_epoch)  # worker seeds, not the global RNG
     return DataLoader(
         dataset,
-        batch_size=per_rank_batch,
+        batch_size=sampler.per_rank_batch,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_views,
         drop_last=True,
         pin_memory=pin_memory,
         generator=generator,
-        persistent_workers=False,
-        worker_init_fn=_ignore_sigterm,
+        worker_init_fn=_worker_init,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+@contextlib.contextmanager
+def run_batches(loader: DataLoader):
+    """Iterate ``loader`` once for the whole run; its workers are ended when the block exits.
+
+    Explicitly, also on an exception: the workers ignore SIGTERM (see :func:`_worker_init`), so
+    one left to the garbage collector - kept alive by a traceback, say - would hold up the exit of
+    the process that started it.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+

@@ -6,18 +6,23 @@ with p=0.2, blur with p=0.5, crops covering 8-100% of the image. Adapted to path
 no up or down, so vertical flips and 90-degree rotations are added; hue jitter defaults weaker
 (0.05) because hue carries the stain; albumentations' ``HEStain`` can perturb the stain itself.
 
-Views stay uint8 (HWC -> CHW) until the training step normalises them on the device.
+Views stay uint8 HWC until the training step normalises them on the device.
 Each sample's randomness comes from ``(seed, epoch, index)`` alone, so a run is reproducible and a
-resumed run sees exactly the views an uninterrupted one would, whichever worker draws them.
+resumed run sees exactly the views an uninterrupted one would, whichever worker draws them. Within a
+sample, every random decision of every transform, in each of the two views, is a separate draw from
+one generator seeded that way (:func:`draw_views`): flips, rotations, crop, colour, grayscale and blur
+fire independently of each other and of the other view.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 
 import albumentations as A
 import cv2
+import numpy as np
 
 from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
@@ -57,8 +62,12 @@ class ViewConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def build_transform(cfg: ViewConfig) -> A.Compose:
-    """The albumentations pipeline producing one view (uint8 HWC in, uint8 HWC out)."""
+def build_transform(cfg: ViewConfig, record: bool = False) -> A.Compose:
+    """The albumentations pipeline producing one view (uint8 HWC in, uint8 HWC out).
+
+    With ``record``, each result also lists the transforms that fired, with their parameters, under
+    ``"applied_transforms"`` (albumentations' ``save_applied_params``).
+    """
     size = cfg.image_size
     blur_kernel = 2 * int(round(0.05 * size)) + 1  # ~10% of the image, odd, as in SimCLR
     steps = [
@@ -76,7 +85,19 @@ def build_transform(cfg: ViewConfig) -> A.Compose:
         A.ToGray(num_output_channels=3, p=cfg.grayscale_p),
         A.GaussianBlur(blur_limit=(blur_kernel, blur_kernel), sigma_limit=tuple(cfg.blur_sigma), p=cfg.blur_p),
     ]
-    return A.Compose(steps)
+    return A.Compose(steps, save_applied_params=record)
+
+
+def draw_views(transform: A.Compose, image: np.ndarray, seed: int, n: int = 2) -> list[dict]:
+    """``n`` views of ``image`` (albumentations result dicts), all randomness drawn from ``seed``.
+
+    One numpy and one Python generator, seeded with ``seed``, are shared by every transform of the
+    pipeline, so each decision is its own draw from one stream. (``Compose.set_random_seed`` would
+    instead re-seed every child with the same seed, so all their first draws - flip, rotate,
+    jitter, grayscale, blur - would be the same number and fire together.)
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return [transform(image=image) for _ in range(n)]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

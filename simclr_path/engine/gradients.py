@@ -4,14 +4,18 @@ Gradient cache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size u
 Limited Setup"): the contrastive loss couples every embedding in the batch, but its gradient with
 respect to the parameters factors through the embeddings. So:
 
-1. embed the whole batch in chunks without autograd (no activations kept);
-2. compute NT-Xent on all embeddings and its gradient ``g`` with respect to them;
-3. recompute each chunk with autograd and backpropagate ``g[chunk]``.
+1. shuffle the 2B views, then embed them in chunks without autograd (no activations kept);
+2. un-shuffle the embeddings, compute NT-Xent on all of them and its gradient ``g``;
+3. recompute each chunk with autograd and backpropagate its rows of ``g``.
 
-The parameter gradient equals the full-batch one. Documented difference: batch-norm batch
-statistics are per chunk. Running statistics are updated once (the first pass's updates are
-undone), and the RNG state of each chunk is replayed so dropout and stochastic depth draw the same
-masks in both passes. Under DDP, gradients are all-reduced once, on the last chunk.
+Without batch norm in training mode (or with it in eval mode) the parameter gradient equals the
+full-batch one. With batch norm in training mode, batch statistics are per chunk - the one
+difference from a full batch, and why the views are shuffled across chunks (MoCo's shuffle-BN):
+unshuffled, with four or more chunks chunk ``k`` and chunk ``k + n/2`` would hold the two views of
+the same patches, and the chunk's statistics would be a signature shared by positives, a shortcut
+for the loss. Running statistics are updated once per chunk by the recompute pass (the first
+pass's updates are undone). The RNG state of each chunk is replayed so dropout and stochastic depth
+draw the same masks in both passes. Under DDP, gradients are all-reduced once, on the last chunk.
 """
 
 from __future__ import annotations
@@ -63,11 +67,22 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def shuffled_order(num_views: int, seed: int) -> torch.Tensor:
+    """The order views are embedded in: a permutation drawn from ``seed`` (never the global RNG)."""
+    return torch.randperm(num_views, generator=torch.Generator().manual_seed(seed))
+
+
 def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp: bool,
-                             chunk: int) -> torch.Tensor:
-    """Gradient-cache version of :func:`loss_and_backward` over chunks of ``chunk`` views."""
+                             chunk: int, shuffle_seed: int | None = 0) -> torch.Tensor:
+    """Gradient-cache version of :func:`loss_and_backward` over chunks of ``chunk`` views.
+
+    ``views`` is [first views; second views]. They are embedded in the order
+    :func:`shuffled_order` gives for ``shuffle_seed`` (the training loop passes a seed that changes
+    every step), or in their own order when it is None.
+    """
     device = views.device
-    pieces = views.split(chunk)
+    order = None if shuffle_seed is None else shuffled_order(views.shape[0], shuffle_seed).to(device)
+    pieces = (views if order is None else views[order]).split(chunk)
     rng_states, embeddings = [], []
     bn_saved = _bn_buffers(model)
     with torch.no_grad():
@@ -78,8 +93,9 @@ def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use
     _restore_bn(bn_saved)  # running stats: only the recompute pass below updates them
     after_first_pass = _rng_state(device)
 
-    z = torch.cat(embeddings).requires_grad_(True)
-    z0, z1 = z.chunk(2)
+    z = torch.cat(embeddings).requires_grad_(True)  # in embedding order
+    z_views = z if order is None else z[torch.argsort(order)]  # back to [first views; second views]
+    z0, z1 = z_views.chunk(2)
     loss = loss_fn(z0, z1)
     loss.backward()
     grads = z.grad.split(chunk)

@@ -35,15 +35,17 @@ class MetricsLog:
 
 
 class TrainingLog:
-    """Per-step reporting of the training loop (rank 0 writes files; every rank counts).
+    """Reporting of the training loop (rank 0 writes files; every rank counts).
 
-    Keeps the first and last loss and the images seen, updates the progress bar, and writes a
-    metrics record every ``log_every`` steps (and at the first and last step).
+    The loop hands over losses at its sync points (see :func:`simclr_path.engine.pretrain.is_sync_step`):
+    every step's loss since the previous one, already averaged over ranks. A metrics record is
+    written at the first and last step and every ``log_every`` steps.
     """
 
     def __init__(self, out: str, resume_step: int, last_step: int, log_every: int, write: bool, progress: bool,
                  tensorboard: bool):
-        self.last_step, self.log_every, self.write_files = last_step, log_every, write
+        self.out, self.last_step, self.log_every, self.write_files = out, last_step, log_every, write
+        self.resume_step = resume_step
         self.metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), resume_step) if write else None
         self.writer = _tensorboard(out) if write and tensorboard else None
         logged = [r["loss"] for r in self.metrics.records if "loss" in r] if self.metrics else []
@@ -53,8 +55,6 @@ class TrainingLog:
         self.images_seen = 0
         self.bar = _progress_bar(progress and write)
         self.task = None
-        self.resume_step = resume_step
-        self.out = out
 
     def __enter__(self):
         if self.bar is not None:
@@ -70,19 +70,24 @@ class TrainingLog:
             self.writer.close()
         return False
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, images: int, seconds: float) -> None:
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == 1 or step == self.last_step
+
+    def steps_done(self, step: int, epoch: int, losses: list[float], lr: float, images: int, seconds: float) -> None:
+        """``losses`` of the steps up to ``step`` since the last call; ``images`` and ``seconds`` over them."""
         self.images_seen += images
-        self.last_loss = loss
+        self.last_loss = losses[-1]
         if self.first_loss is None:
-            self.first_loss = loss
+            self.first_loss = losses[0]
         rate = images / max(seconds, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.3g}", rate=f"{rate:,.0f} img/s",
-                            epoch=epoch)
-        if self.write_files and (step % self.log_every == 0 or step == 1 or step == self.last_step):
-            self.metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_per_s": round(rate, 2)})
+            self.bar.update(self.task, advance=len(losses), loss=f"{self.last_loss:.4f}", lr=f"{lr:.3g}",
+                            rate=f"{rate:,.0f} img/s", epoch=epoch)
+        if self.write_files and self.is_log_step(step):
+            self.metrics.write({"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
+                                "img_per_s": round(rate, 2)})
             if self.writer is not None:
-                self.writer.add_scalar("loss", loss, step)
+                self.writer.add_scalar("loss", self.last_loss, step)
                 self.writer.add_scalar("lr", lr, step)
 
     def knn(self, step: int, epoch: int, accuracy: float) -> None:

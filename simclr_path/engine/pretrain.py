@@ -15,16 +15,17 @@ Run folder::
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from simclr_path.data.datasets import TwoViewDataset
-from simclr_path.data.loader import ResumableSampler, build_loader
+from simclr_path.data.loader import RunSampler, build_loader, run_batches
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from simclr_path.engine.config import PretrainConfig, save_config, upgrade_config_dict
@@ -54,7 +55,6 @@ class Run:
     world: int
     per_rank_batch: int
     dataset: TwoViewDataset
-    sampler: ResumableSampler
     model: torch.nn.Module  # the SimCLR model itself (what is checkpointed and exported)
     train_model: torch.nn.Module  # what the loop calls: DDP and/or torch.compile around ``model``
     optimizer: torch.optim.Optimizer
@@ -66,6 +66,7 @@ class Run:
     total_steps: int
     last_step: int  # where this invocation stops: max_steps or the end of the schedule
     state: TrainState
+    unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
 
     @property
     def checkpoint_path(self) -> str:
@@ -81,44 +82,83 @@ class Run:
             save_checkpoint(contents, self.checkpoint_path)
 
 
-def train_one_epoch(run: Run, loader, log: TrainingLog, knn=None) -> None:
-    """Train over the rest of this epoch, or until ``run.last_step`` optimiser steps are done."""
-    cfg, state, device = run.cfg, run.state, run.device
+def is_sync_step(run: Run, step: int) -> bool:
+    """Steps after which the host waits for the device: losses are read (one all-reduce that also
+    carries the SIGTERM flag), checked for NaN/inf and logged. Every checkpoint step is one, so no
+    step with a non-finite loss is ever saved."""
+    cfg = run.cfg
+    return (step % cfg.run.log_every == 0 or step == 1 or step == run.last_step
+            or step % cfg.run.checkpoint_every == 0)
+
+
+def model_input(batch: torch.Tensor, run: Run) -> torch.Tensor:
+    """(2B, S, S, 3) uint8 from the loader -> normalised float (2B, 3, S, S) on the device.
+
+    The permute of an NHWC tensor is already channels_last in memory; normalising keeps that layout.
+    """
+    views = batch.to(run.device, non_blocking=True).permute(0, 3, 1, 2)
+    views = normalize(views, run.cfg.views.mean, run.cfg.views.std)
+    return views.contiguous(memory_format=torch.channels_last if run.cfg.model.channels_last
+                            else torch.contiguous_format)
+
+
+def read_losses(pending: list[torch.Tensor], stop_requested: bool, device) -> tuple[list[float], bool]:
+    """The global-batch losses of ``pending`` steps and whether any rank asked to stop: one collective
+    and one host sync for all of them."""
+    packed = torch.cat([torch.stack(pending).double(), torch.tensor([float(stop_requested)], dtype=torch.float64,
+                                                                   device=device)])
+    values = distributed.all_sum(packed).tolist()
+    world = distributed.world_size()
+    return [v / world for v in values[:-1]], values[-1] > 0
+
+
+def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
+    """Train over the rest of this epoch (batches from the run-long iterator ``batches``), or until
+    ``run.last_step`` optimiser steps are done, or until SIGTERM asks to stop."""
+    cfg, state = run.cfg, run.state
     run.train_model.train()
-    use_amp = cfg.run.bf16 and device.type == "cuda"
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    for view0, view1 in loader:
-        started = time.perf_counter()
-        views = torch.cat([view0, view1]).to(device, non_blocking=True)
-        views = normalize(views, cfg.views.mean, cfg.views.std).contiguous(memory_format=memory_format)
+    use_amp = cfg.run.bf16 and run.device.type == "cuda"
+    since, images = time.perf_counter(), 0
+    for batch in itertools.islice(batches, run.steps_per_epoch - state.batch_in_epoch):
+        views = model_input(batch, run)
         run.optimizer.zero_grad(set_to_none=True)
         if run.chunk is not None and run.chunk < views.shape[0]:
-            loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk)
+            shuffle_seed = (cfg.run.seed * 1_000_003 + state.step) % 2**63
+            loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk, shuffle_seed)
         else:
             loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp)
-        value = distributed.all_mean(loss.item(), device)  # the global-batch loss, same on every rank
-        if not math.isfinite(value):
-            raise SimclrPathError(
-                f"loss became {value} at step {state.step + 1}; stopped without saving, the last good "
-                f"checkpoint is kept - lower --lr or check the data, then rerun to resume"
-            )
+        run.unchecked_losses.append(loss)
+        images += views.shape[0] * run.world
+        sync = is_sync_step(run, state.step + 1)
+        if sync:
+            losses, stop = read_losses(run.unchecked_losses, state.stop_requested, run.device)
+            bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+            if bad:  # losses[-1] is the step being completed, state.step + 1
+                first = state.step + 1 - (len(losses) - 1 - bad[0])
+                raise SimclrPathError(
+                    f"loss became {losses[bad[0]]} at step {first}; stopped without saving, the last good checkpoint is "
+                    f"kept - lower --lr or check the data, then rerun to resume"
+                )
         state.consistent = False
         run.optimizer.step()
         state.step += 1
         state.batch_in_epoch += 1
         run.scheduler.step_update(num_updates=state.step)
         state.consistent = True
+        if not sync:
+            continue
 
-        log.step(state.step, state.epoch, value, run.optimizer.param_groups[0]["lr"],
-                 view0.shape[0] * 2 * run.world, time.perf_counter() - started)
+        run.unchecked_losses = []
+        log.steps_done(state.step, state.epoch, losses, run.optimizer.param_groups[0]["lr"], images,
+                       time.perf_counter() - since)
+        since, images = time.perf_counter(), 0
         if knn is not None and (state.step % cfg.run.eval_every == 0 or state.step == run.last_step):
             log.knn(state.step, state.epoch, evaluate(run, knn))
         if state.step % cfg.run.checkpoint_every == 0:
             run.save_checkpoint()
         if state.step >= run.last_step:
             break
-        # every rank stops at the same step when any one was asked to
-        if distributed.all_mean(float(state.stop_requested), device) > 0:
+        if stop:  # every rank stops at the same step when any one was asked to
             state.stop_requested = True
             break
 
@@ -153,14 +193,14 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     started = time.perf_counter()
     try:
         with training_log, StopOnSigterm(state):
-            while state.step < run.last_step and state.epoch < cfg.optim.epochs and not state.stop_requested:
-                run.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * run.per_rank_batch)
-                run.dataset.set_epoch(state.epoch)
-                loader = build_loader(run.dataset, run.sampler, run.per_rank_batch, cfg.run.workers,
-                                      run.device.type == "cuda")
-                train_one_epoch(run, loader, training_log, knn)
-                if state.batch_in_epoch >= run.steps_per_epoch:
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            sampler = RunSampler(len(run.dataset), run.world, distributed.rank(), cfg.run.seed, run.per_rank_batch,
+                                 cfg.optim.epochs, state.epoch, state.batch_in_epoch)
+            loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda")
+            with run_batches(loader) as batches:
+                while state.step < run.last_step and state.epoch < cfg.optim.epochs and not state.stop_requested:
+                    train_one_epoch(run, batches, training_log, knn)
+                    if state.batch_in_epoch >= run.steps_per_epoch:
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             run.save_checkpoint()
         if state.stop_requested:
             raise StoppedBySignal(
@@ -168,8 +208,9 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
                 "rerun the same command to resume"
             )
     except KeyboardInterrupt:
-        if state.consistent and not distributed.is_distributed():
-            run.save_checkpoint()  # Ctrl-C between optimiser steps: keep the progress since the last checkpoint
+        # Ctrl-C between optimiser steps: keep the progress since the last checkpoint, if its losses are finite
+        if state.consistent and not distributed.is_distributed() and _all_finite(run.unchecked_losses):
+            run.save_checkpoint()
         raise
     summary = summarize(run, training_log, time.perf_counter() - started)
     training_log.plot()
@@ -216,8 +257,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     dataset = TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.run.seed)
-    steps_per_epoch = len(sampler) // per_rank_batch
+    steps_per_epoch = RunSampler(len(dataset), world, rank, cfg.run.seed, per_rank_batch, cfg.optim.epochs).steps_per_epoch
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     lr = scaled_lr(cfg.optim.base_lr, cfg.optim.global_batch, cfg.optim.lr_scaling)
@@ -235,7 +275,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     last_step = min(cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps, total_steps)
     return Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
-               per_rank_batch=per_rank_batch, dataset=dataset, sampler=sampler, model=model, train_model=model,
+               per_rank_batch=per_rank_batch, dataset=dataset, model=model, train_model=model,
                optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.loss.temperature,
                                                                             gather_distributed=True),
                lr=lr, chunk=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step,
@@ -293,6 +333,10 @@ def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
     }
 
 
+def _all_finite(losses: list[torch.Tensor]) -> bool:
+    return not losses or bool(torch.isfinite(torch.stack(losses)).all())
+
+
 def _prepare_run_dir(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
@@ -312,6 +356,13 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
         raise SimclrPathError(
             f"--image-size {cfg.views.image_size} is larger than the {store.patch_size} px patches in {names}; "
             f"use --image-size <= {store.patch_size} or re-tile with a larger --patch-size"
+        )
+    resolutions = store_resolutions(store)
+    if len(set(resolutions.values())) > 1 and not cfg.run.mixed_mpp:
+        listed = ", ".join(f"{path} {_resolution_text(r)}" for path, r in resolutions.items())
+        raise SimclrPathError(
+            f"stores of different resolutions in one run ({listed}); re-tile them at one --mpp, or pass --mixed-mpp "
+            "if mixing is on purpose"
         )
     if cfg.optim.global_batch > len(store):
         raise SimclrPathError(
@@ -345,11 +396,30 @@ def _wrap_for_training(model, cfg: PretrainConfig, device, world: int):
     return model
 
 
+def store_resolutions(store: PatchStore) -> dict[str, tuple[float | None, float | None]]:
+    """(target mpp, target magnification) of each store path, as the store records them (None: not set)."""
+    return {path: (_rounded(attrs.get("target_mpp")), _rounded(attrs.get("magnification")))
+            for path, attrs in zip(store.paths, store.attrs)}
+
+
+def _rounded(value) -> float | None:
+    value = jsonable(value)
+    return None if value is None else round(value, 6)
+
+
+def _resolution_text(resolution: tuple[float | None, float | None]) -> str:
+    mpp, magnification = resolution
+    return f"{mpp} um/px" if mpp is not None else f"{magnification}x"
+
+
 def _store_meta(store: PatchStore) -> dict:
+    """What the checkpoint (and so the exported encoder) records of the training data."""
     attrs = store.attrs[0]
     return {
         "patch_size": store.patch_size,
         "target_mpp": jsonable(attrs.get("target_mpp")),
         "magnification": jsonable(attrs.get("magnification")),
+        "resolutions": [{"path": os.path.abspath(path), "target_mpp": mpp, "magnification": magnification}
+                        for path, (mpp, magnification) in store_resolutions(store).items()],
         "patches": len(store),
     }

@@ -62,6 +62,13 @@ def all_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / world_size()
 
 
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``tensor`` over all ranks (in place when distributed; one collective)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def launched_externally() -> bool:
     """True under torchrun/elastic (RANK and WORLD_SIZE set) or inside a multi-task srun step."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
