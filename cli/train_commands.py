@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from simclr_path.cli.options import apply_view_options, view_options
 from simclr_path.cli.tile_commands import _echo_json
 
 
@@ -23,10 +24,13 @@ Examples:
 @click.option("--config", "config", default=None, help="Preset name in configs/ (small, resnet50_paper) or a YAML path.")
 @click.option("--batch", type=int, default=None, help="Global batch size (patches; two views each).")
 @click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Base learning rate (scaled by batch/256).")
+@click.option("--lr", type=float, default=None,
+              help="Base learning rate, scaled by the config's lr_scaling: linear x batch/256, or sqrt x sqrt(batch).")
+@click.option("--temperature", type=float, default=None, help="NT-Xent temperature.")
+@click.option("--weight-decay", type=float, default=None, help="Weight decay of the weights (biases and norms get none).")
+@click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up before the cosine decay, in epochs.")
 @click.option("--backbone", default=None, help="timm model name, e.g. resnet50.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local weights file for the backbone.")
-@click.option("--image-size", type=int, default=None, help="View size in pixels (<= the store's patch size).")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=None)
@@ -39,9 +43,12 @@ Examples:
 @click.option("--chunk", default=None, help="Gradient cache: views per chunk, or 'auto' (from free GPU memory).")
 @click.option("--eval-labeled", default=None, help="Labelled patches (class folders, CSV, store) for a kNN check.")
 @click.option("--eval-every", type=int, default=None, help="Steps between kNN checks [default: 500].")
+@click.option("--mixed-mpp", is_flag=True, default=None, help="Allow stores of different resolutions in one run (all are recorded).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image_size, workers, device, seed,
-             max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk, eval_labeled, eval_every, quiet):
+@view_options
+def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, backbone, pretrained,
+             workers, device, seed, max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk,
+             eval_labeled, eval_every, mixed_mpp, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -62,10 +69,12 @@ def pretrain(stores, out, config, batch, epochs, lr, backbone, pretrained, image
             chunk = int(chunk)
         except ValueError:
             raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
-    cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, backbone=backbone,
-                          pretrained=pretrained, image_size=image_size, workers=workers, device=device, seed=seed,
+    cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, temperature=temperature,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, mixed_mpp=mixed_mpp, backbone=backbone,
+                          pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
+    cfg = apply_view_options(cfg, **views)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)
     if summary is not None:  # rank 0 only
         _echo_json(summary)

@@ -43,6 +43,13 @@ def _resolve_checkpoint(source: str) -> str:
     return source
 
 
+def input_mpp(patch_mpp: float | None, patch_size: int | None, image_size: int) -> float | None:
+    """Microns per input pixel: store patches of ``patch_size`` px at ``patch_mpp`` shown at ``image_size``."""
+    if patch_mpp is None or not patch_size:
+        return None
+    return round(patch_mpp * patch_size / image_size, 6)
+
+
 def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
     """Write the encoder of the run folder or checkpoint ``source`` to ``out``; returns its metadata."""
     import timm
@@ -73,6 +80,10 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
         "patch_mpp": store.get("target_mpp"),
         "patch_magnification": store.get("magnification"),
         "patch_size": store.get("patch_size"),
+        # what one input pixel is when a whole patch is resized to the input size, as embed/eval do
+        "input_mpp": input_mpp(store.get("target_mpp"), store.get("patch_size"), int(views["image_size"])),
+        "crop_scale": [float(x) for x in views["crop_scale"]],
+        "store_resolutions": store.get("resolutions", []),
         "training": {
             "steps": int(ckpt["step"]),
             "total_steps": int(ckpt.get("total_steps", ckpt["step"])),

@@ -76,6 +76,7 @@ class RunConfig:
     eval_labeled: str | None = None  # labelled patches for a kNN check during training
     eval_every: int = 500  # steps between kNN checks
     eval_max_per_class: int = 250  # patches per class used by the check
+    mixed_mpp: bool = False  # allow stores of different resolutions in one run
 
 
 @dataclass
@@ -115,8 +116,9 @@ class PretrainConfig:
             (o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}"),
             (o.base_lr > 0, f"--lr must be > 0, got {o.base_lr}"),
             (o.lr_scaling in ("linear", "sqrt"), f"lr_scaling must be linear or sqrt, got {o.lr_scaling!r}"),
-            (self.loss.temperature > 0, f"temperature must be > 0, got {self.loss.temperature}"),
-            (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
+            (self.loss.temperature > 0, f"--temperature must be > 0, got {self.loss.temperature}"),
+            (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
+            (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
             (o.max_steps is None or o.max_steps >= 1, f"--max-steps must be >= 1, got {o.max_steps}"),
             (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
@@ -194,7 +196,8 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "temperature": "loss", "backbone": "model", "pretrained": "model", "compile": "model",
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
-        "eval_labeled": "run", "eval_every": "run",
+        "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
+        "mixed_mpp": "run",
     }
     for key, value in overrides.items():
         if value is None:
