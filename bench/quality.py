@@ -1,0 +1,381 @@
+"""Encoder quality per wall-clock budget: ours vs a textbook SimCLR vs random init, kNN and linear probe on PCam.
+
+Rows (each training run one after the other on this machine, same budget, batch 128, 2 workers):
+
+- ours: ``simclr-path pretrain STORE --config small --batch 128 --epochs 200`` (resnet18, 96 px) on
+  the PCam valid patches (3000, labels unused; ingested once into WORK/pcam-valid.h5 with
+  ``simclr-path ingest --mpp 0.97``), sent SIGTERM when the budget is spent (it finishes its
+  step, checkpoints and exits 143), then ``simclr-path export``. ``--ours-epochs N`` sets the
+  schedule's length (with the default 200 the cosine barely decays in a short budget);
+  ``--ours-args "..."`` is passed through verbatim, after our own flags (so it can override them).
+- baseline: bench/simclr_baseline.py, a textbook SimCLR in torch/torchvision only (the paper's
+  transforms, torchvision resnet18, 2-layer head, NT-Xent t=0.2, SGD as in lightly's benchmark
+  with cosine decay over the budget) on the same images, read from the folder with PIL, sent
+  SIGTERM at the same budget; it writes its backbone in our encoder format.
+- random init: the floor ``evaluate_encoder`` reports (same architecture, untrained).
+
+The budget is wall-clock from process start to SIGTERM (start-up included; never before the
+first step is done). Every encoder is scored by the same call,
+``simclr_path.downstream.evaluate.evaluate_encoder(ENC, labeled=PCAM/test)`` - what
+``simclr-path eval ENC --labeled PCAM/test`` prints: kNN and a linear probe on PCam test with its
+seeded stratified split. views/s = 2 x batch x steps / seconds between the first and the last
+step the benchmark saw logged (ours logs every 5 steps, the baseline every step); epochs =
+steps x batch / patches. Also shown: wall s (start to exit; ours honours SIGTERM only at its next
+logged step, i.e. up to 4 steps late) and other cores (CPU that other processes used during the
+run, from /proc/stat: numbers are comparable only when it is ~0). Everything is also written to
+``--out`` as JSON (balanced accuracies, the probe's L2 strength, the commands run).
+
+Usage: python bench/quality.py [--budget 900] [--seeds 0 1 2] [--ours-epochs N] [--ours-args "..."]
+       [--skip-baseline] [--work bench/_work/quality] [--out results.json] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simclr_path import PatchStore  # noqa: E402
+from simclr_path.downstream.encoder import load_encoder  # noqa: E402
+from simclr_path.downstream.evaluate import evaluate_encoder  # noqa: E402
+
+PCAM = ROOT.parent / "shared" / "data" / "patches" / "pcam_ai4all"
+BATCH, WORKERS, PCAM_MPP = 128, 2, 0.97
+SIMCLR_PATH = [sys.executable, "-m", "simclr_path"]
+
+
+def log(message: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_tool(args: list[str], what: str) -> dict:
+    """A short ``simclr-path`` command; its JSON line on stdout, or an error with its stderr."""
+    proc = subprocess.run(SIMCLR_PATH + args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_store(work: Path, images: Path) -> Path:
+    """The PCam valid images in a store, ingested once and cached in the work folder."""
+    store = work / "pcam-valid.h5"
+    if store.exists():
+        return store
+    tmp = work / "pcam-valid.partial.h5"
+    if tmp.exists():
+        tmp.unlink()
+    log(f"ingesting {images} -> {store} (once)")
+    run_tool(["ingest", str(images), "--out", str(tmp), "--mpp", str(PCAM_MPP)], "simclr-path ingest")
+    os.replace(tmp, store)
+    return store
+
+
+class StepFile:
+    """Steps a run reports in a JSON-lines file, each stamped with when this process first saw it."""
+
+    def __init__(self, path: Path, has_step=lambda record: True):
+        self.path, self.has_step, self.offset, self.seen = path, has_step, 0, []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete = chunk[:chunk.rfind("\n") + 1]  # a line still being written is read next time
+        self.offset += len(complete.encode())
+        now = time.monotonic()
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "step" in record and self.has_step(record) and (not self.seen or record["step"] > self.seen[-1][0]):
+                self.seen.append((int(record["step"]), now))
+
+    def views_per_s(self) -> tuple[float | None, float]:
+        """Training views per second between the first and last step seen, and those seconds."""
+        if len(self.seen) < 2:
+            return None, 0.0
+        (s0, t0), (s1, t1) = self.seen[0], self.seen[-1]
+        return 2 * BATCH * (s1 - s0) / max(t1 - t0, 1e-9), t1 - t0
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds every process on this machine has used (from /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the run and its loader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_budgeted(name: str, cmd: list[str], steps: StepFile, budget: float, log_path: Path,
+                 grace: float = 600.0) -> dict:
+    """Run ``cmd`` until ``budget`` seconds of wall clock are spent, then SIGTERM it and wait for it."""
+    log(f"{name}: {shlex.join(cmd)}  (log: {log_path})")
+    with open(log_path, "w") as err, open(log_path.with_suffix(".stdout"), "w") as out:
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        sigterm_at, next_report = None, start + max(10.0, budget / 15)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.1)
+                steps.poll()
+                now = time.monotonic()
+                if sigterm_at is None and now - start >= budget:
+                    if steps.seen:
+                        proc.send_signal(signal.SIGTERM)
+                        sigterm_at = now
+                        log(f"{name}: budget spent at step {steps.seen[-1][0]}; SIGTERM sent")
+                    elif now >= next_report:
+                        log(f"{name}: budget spent before the first logged step; waiting for it")
+                if sigterm_at is not None and now - sigterm_at > grace:
+                    proc.kill()
+                    raise RuntimeError(f"{name}: still running {grace:.0f} s after SIGTERM; killed")
+                if now >= next_report:
+                    rate, _ = steps.views_per_s()
+                    step = steps.seen[-1][0] if steps.seen else 0
+                    log(f"{name}: {now - start:5.0f}/{budget:.0f} s, step {step}"
+                        + (f", {rate:.1f} views/s" if rate else ""))
+                    next_report = now + max(10.0, budget / 15)
+        finally:
+            if proc.poll() is None:  # interrupted: stop the child too
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        end = time.monotonic()
+        busy1, own1 = busy_cpu_s(), own_cpu_s()
+    steps.poll()
+    rate, seconds = steps.views_per_s()
+    # cores other processes kept busy meanwhile: numbers are only comparable when this is ~0
+    others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / (end - start)
+    if others is not None and others > 0.25:
+        log(f"{name}: WARNING other processes used {others:.2f} cores on average during this run")
+    return {"returncode": proc.returncode, "wall_s": round(end - start, 2),
+            "other_cores": round(others, 2) if others is not None else None,
+            "after_sigterm_s": round(end - sigterm_at, 2) if sigterm_at is not None else None,
+            "views_per_s": round(rate, 2) if rate else None, "timed_s": round(seconds, 2),
+            "steps_seen": steps.seen[-1][0] if steps.seen else 0}
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def evaluate(encoder: Path, floor: bool, device: str) -> dict:
+    """``evaluate_encoder`` on PCam test, as ``simclr-path eval ENC --labeled PCAM/test`` runs it."""
+    wanted = {"labeled": str(PCAM / "test"), "device": device, "workers": WORKERS, "random_floor": floor}
+    accepted = inspect.signature(evaluate_encoder).parameters
+    missing = [k for k in wanted if k not in accepted]
+    if missing:
+        log(f"evaluate_encoder no longer takes {missing}; calling it without them")
+    started = time.monotonic()
+    result = evaluate_encoder(str(encoder), **{k: v for k, v in wanted.items() if k in accepted})
+    log(f"evaluated {encoder.name} in {time.monotonic() - started:.0f} s")
+    return result
+
+
+def train_ours(args, store: Path, seed: int, patches: int) -> dict:
+    run_dir = args.work / "runs" / f"ours-s{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run, never a resumed one
+    run_dir.mkdir(parents=True)
+    cmd = SIMCLR_PATH + ["pretrain", str(store), "--out", str(run_dir), "--config", "small", "--batch", str(BATCH),
+                         "--epochs", str(args.ours_epochs), "--seed", str(seed), "--workers", str(WORKERS),
+                         "--device", args.device, "--quiet"] + shlex.split(args.ours_args)
+    steps = StepFile(run_dir / "metrics.jsonl", has_step=lambda r: "loss" in r)
+    run = run_budgeted(f"ours seed {seed}", cmd, steps, args.budget, args.work / f"ours-s{seed}.log")
+    if run["returncode"] not in (0, 143):  # 143: stopped on SIGTERM, checkpoint saved
+        raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(args.work / f'ours-s{seed}.log')}")
+    encoder = args.work / f"ours-s{seed}.pt"
+    exported = run_tool(["export", str(run_dir), str(encoder)], "simclr-path export")
+    run.update(steps=int(exported["steps"]), encoder=str(encoder), command=shlex.join(cmd))
+    if run["steps"] < run["steps_seen"]:
+        raise RuntimeError(f"exported checkpoint is at step {run['steps']}, but step {run['steps_seen']} was logged")
+    return run
+
+
+def train_baseline(args, seed: int) -> dict:
+    encoder = args.work / f"baseline-s{seed}.pt"
+    progress = args.work / f"baseline-s{seed}.progress.jsonl"
+    for path in (encoder, progress):
+        if path.exists():
+            path.unlink()
+    deadline = time.time() + args.budget  # when SIGTERM comes: the end of its cosine schedule
+    cmd = [sys.executable, str(ROOT / "bench" / "simclr_baseline.py"), str(PCAM / "valid"), "--out", str(encoder),
+           "--batch", str(BATCH), "--workers", str(WORKERS), "--seed", str(seed), "--deadline", f"{deadline:.2f}",
+           "--progress", str(progress), "--device", args.device]
+    run = run_budgeted(f"baseline seed {seed}", cmd, StepFile(progress), args.budget,
+                       args.work / f"baseline-s{seed}.log")
+    if run["returncode"] != 0:
+        raise RuntimeError(f"baseline exited {run['returncode']}:\n{log_tail(args.work / f'baseline-s{seed}.log')}")
+    model, meta = load_encoder(str(encoder))  # our loader, every key matched (strict)
+    run.update(steps=int(meta["training"]["steps"]), encoder=str(encoder), command=shlex.join(cmd))
+    return run
+
+
+def scores(result: dict) -> dict:
+    return {k: result[k] for k in ("knn_acc", "knn_balanced_acc", "linear_acc", "linear_balanced_acc",
+                                   "linear_weight_decay") if k in result}
+
+
+def fmt(values: list, digits: int, spread: bool) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    if spread and len(values) > 1:
+        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def print_table(results: dict) -> None:
+    m, rows = results["machine"], results["runs"]
+    print(f"\nmachine: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
+          f"{m['torch_threads']} threads" + (f", GPU {m['gpu']}" if "gpu" in m else "")
+          + f"; device {results['device']}")
+    print(f"budget: {results['budget_s']:.0f} s wall-clock per training run (start-up included), batch {BATCH}, "
+          f"{WORKERS} workers, {results['patches']} PCam valid patches; ours: --epochs {results['ours_epochs']}"
+          + (f" {results['ours_args']}" if results["ours_args"] else ""))
+    if results.get("eval"):
+        e = results["eval"]
+        print(f"eval: PCam test, {e['n_train']} train / {e['n_test']} test patches ({e.get('split', 'stratified')} split, seed 0), "
+              f"kNN k=20 and linear probe")
+    columns = [("views/s", "views_per_s", 1, 13), ("steps", "steps", 0, 13), ("epochs", "epochs", 2, 11),
+               ("kNN acc", "knn_acc", 4, 15), ("linear acc", "linear_acc", 4, 15), ("wall s", "wall_s", 0, 10),
+               ("other cores", "other_cores", 2, 11)]
+    header = f"{'row':28} | " + " | ".join(f"{title:>{width}}" for title, _, _, width in columns)
+    print(header)
+    print("-" * len(header))
+
+    def line(label: str, group: list[dict]) -> str:
+        spread = len(group) > 1
+        cells = [fmt([r.get(key) for r in group], digits + (spread and digits == 0), spread).rjust(width)
+                 for _, key, digits, width in columns]  # a mean of counts gets one decimal
+        return f"{label:28} | " + " | ".join(cells)
+
+    seeds = sorted({r["seed"] for r in rows})
+    for key, label in (("ours", "ours"), ("baseline", "baseline")):
+        group = [r for r in rows if r["row"] == key]
+        for r in group:
+            if "error" in r:
+                print(f"{label + ' seed ' + str(r['seed']):28} | failed: {r['error'].strip().splitlines()[-1][:90]}")
+            else:
+                print(line(f"{label} seed {r['seed']}", [r]))
+        ok = [r for r in group if "error" not in r]
+        if len(seeds) > 1 and len(ok) > 1:
+            print(line(f"{label} mean ± std ({len(ok)})", ok))
+    floor = results.get("random_init")
+    if floor:
+        print(line("random init", [dict(floor, steps=0, epochs=0)]))
+    print("wall s: start to exit (ours honours SIGTERM at its next logged step, every 5); other cores: CPU "
+          "other processes used meanwhile (~0 for comparable numbers)")
+    ours = [r for r in rows if r["row"] == "ours" and "error" not in r]
+    if ours and results["ours_epochs_default"]:
+        done = statistics.mean(r["steps"] for r in ours) / (results["patches"] // BATCH)  # pretrain's epochs
+        print(f"\nours' schedule spans {results['ours_epochs']} epochs and {done:.1f} were done: "
+              f"--ours-epochs {max(1, round(done))} would end its cosine near the budget")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per training run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "quality")
+    parser.add_argument("--ours-epochs", type=int, default=None, help="ours' --epochs (schedule length) [200]")
+    parser.add_argument("--ours-args", default="", help="extra 'simclr-path pretrain' flags, passed verbatim")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--device", default="cpu", help="training and evaluation device, for every row")
+    parser.add_argument("--out", type=Path, default=None, help="write every number (balanced accuracies too) as JSON")
+    args = parser.parse_args()
+    ours_epochs_default = args.ours_epochs is None
+    args.ours_epochs = args.ours_epochs or 200
+    args.work = args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    store = ensure_store(args.work, PCAM / "valid")
+    patches = len(PatchStore(str(store)))
+    results = {"machine": machine(), "device": args.device, "budget_s": args.budget, "batch": BATCH,
+               "workers": WORKERS, "patches": patches, "seeds": args.seeds, "ours_epochs": args.ours_epochs,
+               "ours_epochs_default": ours_epochs_default, "ours_args": args.ours_args, "store": str(store),
+               "runs": []}
+    log(f"machine: {results['machine']}")
+
+    def save():
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    failed = False
+    for seed in args.seeds:
+        for row in ("ours",) if args.skip_baseline else ("ours", "baseline"):
+            record = {"row": row, "seed": seed}
+            try:
+                run = train_ours(args, store, seed, patches) if row == "ours" else train_baseline(args, seed)
+                record.update(run, epochs=round(run["steps"] * BATCH / patches, 3))
+                floor = "random_init" not in results  # the floor once, from the first evaluation
+                result = evaluate(Path(run["encoder"]), floor, args.device)
+                record.update(scores(result["pretrained"]))
+                results["eval"] = {k: result[k] for k in ("n_train", "n_test", "classes", "split", "groups") if k in result}
+                if floor and "random_init" in result:
+                    results["random_init"] = scores(result["random_init"])
+                log(f"{row} seed {seed}: {run['steps']} steps, kNN {record['knn_acc']:.4f}, "
+                    f"linear {record['linear_acc']:.4f}")
+            except Exception as exc:  # keep the other rows
+                failed = True
+                record["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"{row} seed {seed} FAILED: {record['error']}")
+            results["runs"].append(record)
+            save()
+    print_table(results)
+    if args.out:
+        log(f"results written to {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
