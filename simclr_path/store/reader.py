@@ -56,6 +56,7 @@ class PatchStore:
                     f"in {self.paths[0]}; re-tile so all stores share one patch size"
                 )
         self._files: dict[int, h5py.File] = {}
+        self._pixels: dict[int, h5py.Dataset] = {}  # slide -> its patches dataset, opened once per process
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -86,7 +87,7 @@ class PatchStore:
 
     def _group(self, slide: int) -> h5py.Group:
         if self._pid != os.getpid():  # forked into a worker: never share HDF5 handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._pixels, self._pid = {}, {}, os.getpid()
         path_index, name = self._slides[slide]
         f = self._files.get(path_index)
         if f is None:
@@ -96,7 +97,14 @@ class PatchStore:
     def __getitem__(self, index: int) -> np.ndarray:
         slide, local = self._locate(int(index))
         codec = self.codecs[self._slides[slide][0]]
-        return read_patch(self._group(slide)["patches"], local, codec)
+        return read_patch(self._patches(slide), local, codec)
+
+    def _patches(self, slide: int) -> h5py.Dataset:
+        """The slide's pixel dataset; the handle is kept, so a loader worker resolves each HDF5 path once."""
+        dataset = self._pixels.get(slide) if self._pid == os.getpid() else None
+        if dataset is None:
+            dataset = self._pixels[slide] = self._group(slide)["patches"]
+        return dataset
 
     def coords(self, index: int) -> tuple[str, int, int]:
         slide, local = self._locate(int(index))
@@ -110,6 +118,7 @@ class PatchStore:
         return int(group["labels"][local]) if "labels" in group else -1
 
     def close(self) -> None:
+        self._pixels = {}
         for f in self._files.values():
             f.close()
         self._files = {}
@@ -117,6 +126,7 @@ class PatchStore:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_files"] = {}
+        state["_pixels"] = {}
         return state
 
     def __del__(self):
