@@ -44,11 +44,13 @@ Examples:
 @click.option("--eval-labeled", default=None, help="Labelled patches (class folders, CSV, store) for a kNN check.")
 @click.option("--eval-every", type=int, default=None, help="Steps between kNN checks [default: 500].")
 @click.option("--mixed-mpp", is_flag=True, default=None, help="Allow stores of different resolutions in one run (all are recorded).")
+@click.option("--allow-config-change", is_flag=True, default=None,
+              help="Resume even though a training setting differs from the checkpoint's (recorded in the run folder).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
 def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, backbone, pretrained,
              workers, device, seed, max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk,
-             eval_labeled, eval_every, mixed_mpp, quiet, **views):
+             eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -70,7 +72,8 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
         except ValueError:
             raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, temperature=temperature,
-                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, mixed_mpp=mixed_mpp, backbone=backbone,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, mixed_mpp=mixed_mpp,
+                          allow_config_change=allow_config_change, backbone=backbone,
                           pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)

@@ -293,3 +293,22 @@ def test_stores_of_different_resolutions_need_mixed_mpp_and_are_all_recorded(tmp
     assert sorted(s["target_mpp"] for s in meta["store_resolutions"]) == [0.25, 0.5]
     assert meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # the first store's patches at 48 px
     assert meta["crop_scale"] == [0.08, 1.0]  # the default views (no --config)
+
+
+def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tmp_path):
+    run = tmp_path / "run"
+    base = ["--backbone", "resnet10t", "--batch", 32, "--image-size", 64, "--device", "cpu", "-q", "--workers", 0]
+    assert run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 1).exit_code == 0
+    r = run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 2, "--temperature", 0.3)
+    assert_error(r, "loss.temperature=0.1, not 0.3", "--allow-config-change")
+    assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 1  # nothing trained, nothing saved
+    # what may change: length, workers, logging
+    r = run_cli("pretrain", real_store, "--out", run, *base[:-2], "--workers", 1, "--max-steps", 2,
+                "--checkpoint-every", 7)
+    assert r.exit_code == 0, r.stderr
+    assert not (run / "config-changes.jsonl").exists()
+    r = run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 3, "--temperature", 0.3,
+                "--allow-config-change")
+    assert r.exit_code == 0, r.stderr
+    changes = [json.loads(line) for line in (run / "config-changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 2, "key": "loss.temperature", "was": 0.1, "now": 0.3}]

@@ -77,6 +77,7 @@ class RunConfig:
     eval_every: int = 500  # steps between kNN checks
     eval_max_per_class: int = 250  # patches per class used by the check
     mixed_mpp: bool = False  # allow stores of different resolutions in one run
+    allow_config_change: bool = False  # resume even when a training setting differs (recorded)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
-        "mixed_mpp": "run",
+        "mixed_mpp": "run", "allow_config_change": "run",
     }
     for key, value in overrides.items():
         if value is None:
@@ -205,6 +206,37 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         section, attr = where[key] if isinstance(where[key], tuple) else (where[key], key)
         setattr(getattr(cfg, section), attr, value)
     return cfg
+
+
+#: Settings a resumed run may change freely: how long to run, where, how to log and check. Every
+#: other setting shapes the training itself and must match the checkpoint's.
+RESUMABLE_KEYS = frozenset({
+    "optim.max_steps", "model.compile", "model.channels_last",
+    "run.device", "run.workers", "run.log_every", "run.checkpoint_every", "run.tensorboard",
+    "run.grad_cache_chunk", "run.eval_labeled", "run.eval_every", "run.eval_max_per_class", "run.mixed_mpp",
+    "run.allow_config_change",
+})
+
+
+def changed_settings(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """``(section.key, saved value, current value)`` of every training setting that differs.
+
+    ``saved`` is a checkpoint's config (old key names are read as the new ones), ``current`` the
+    config of this invocation; keys in :data:`RESUMABLE_KEYS` are ignored.
+    """
+    saved = upgrade_config_dict(saved, quiet=True)
+    changes = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if name not in RESUMABLE_KEYS and _as_lists(old) != _as_lists(value):
+                changes.append((name, _as_lists(old), _as_lists(value)))
+    return changes
+
+
+def _as_lists(value):
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ Run folder::
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -28,7 +29,7 @@ from simclr_path.data.datasets import TwoViewDataset
 from simclr_path.data.loader import RunSampler, build_loader, run_batches
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from simclr_path.engine.config import PretrainConfig, save_config, upgrade_config_dict
+from simclr_path.engine.config import PretrainConfig, changed_settings, save_config, upgrade_config_dict
 from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk, loss_and_backward
 from simclr_path.engine.metrics import TrainingLog
 from simclr_path.engine.state import StopOnSigterm, TrainState, checkpoint_contents, restore_checkpoint
@@ -67,6 +68,8 @@ class Run:
     last_step: int  # where this invocation stops: max_steps or the end of the schedule
     state: TrainState
     unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
+    stop: StopOnSigterm = field(default_factory=StopOnSigterm)  # SIGTERM seen by this process
+    stop_agreed: bool = False  # the ranks agreed at a sync step that one of them saw SIGTERM
 
     @property
     def checkpoint_path(self) -> str:
@@ -129,9 +132,10 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
             loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp)
         run.unchecked_losses.append(loss)
         images += views.shape[0] * run.world
-        sync = is_sync_step(run, state.step + 1)
+        # One process acts on SIGTERM at the next step; ranks agree on it at the next sync step.
+        sync = is_sync_step(run, state.step + 1) or (run.stop.requested and not distributed.is_distributed())
         if sync:
-            losses, stop = read_losses(run.unchecked_losses, state.stop_requested, run.device)
+            losses, stop = read_losses(run.unchecked_losses, run.stop.requested, run.device)
             bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
             if bad:  # losses[-1] is the step being completed, state.step + 1
                 first = state.step + 1 - (len(losses) - 1 - bad[0])
@@ -159,7 +163,7 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
         if state.step >= run.last_step:
             break
         if stop:  # every rank stops at the same step when any one was asked to
-            state.stop_requested = True
+            run.stop_agreed = True
             break
 
 
@@ -174,47 +178,61 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     Runs in this process; when torch.distributed is initialised, as one rank of the group (see
     :mod:`simclr_path.engine.launch`).
     """
-    run = build_run(stores, out, cfg)
-    resume(run, open_run_folder(out, cfg))
-    main = distributed.is_main()
-    if main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
-        log(describe(run))
-    knn = None
-    if main and cfg.run.eval_labeled:
-        from simclr_path.engine.knn import KnnMonitor
+    with StopOnSigterm() as stop:
+        run = build_run(stores, out, cfg)
+        run.stop = stop
+        resume(run, open_run_folder(out, cfg))
+        main = distributed.is_main()
+        if main:
+            save_config(cfg, os.path.join(out, "config.yaml"))
+            log(describe(run))
+        knn = None
+        if main and cfg.run.eval_labeled:
+            from simclr_path.engine.knn import KnnMonitor
 
-        knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
-                         cfg.run.eval_max_per_class, cfg.run.seed)
-    training_log = TrainingLog(out, run.state.step, run.last_step, cfg.run.log_every, write=main,
-                               progress=progress, tensorboard=cfg.run.tensorboard)
-
-    state = run.state
-    started = time.perf_counter()
-    try:
-        with training_log, StopOnSigterm(state):
-            sampler = RunSampler(len(run.dataset), run.world, distributed.rank(), cfg.run.seed, run.per_rank_batch,
-                                 cfg.optim.epochs, state.epoch, state.batch_in_epoch)
-            loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda")
-            with run_batches(loader) as batches:
-                while state.step < run.last_step and state.epoch < cfg.optim.epochs and not state.stop_requested:
-                    train_one_epoch(run, batches, training_log, knn)
-                    if state.batch_in_epoch >= run.steps_per_epoch:
-                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            run.save_checkpoint()
-        if state.stop_requested:
-            raise StoppedBySignal(
-                f"stopped on SIGTERM after step {state.step}; checkpoint saved to {run.checkpoint_path} - "
-                "rerun the same command to resume"
-            )
-    except KeyboardInterrupt:
-        # Ctrl-C between optimiser steps: keep the progress since the last checkpoint, if its losses are finite
-        if state.consistent and not distributed.is_distributed() and _all_finite(run.unchecked_losses):
-            run.save_checkpoint()
-        raise
+            knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
+                             cfg.run.eval_max_per_class, cfg.run.seed)
+        training_log = TrainingLog(out, run.state.step, run.last_step, cfg.run.log_every, write=main,
+                                   progress=progress, tensorboard=cfg.run.tensorboard)
+        started = time.perf_counter()
+        try:
+            with training_log:
+                train(run, training_log, knn)
+                run.save_checkpoint()
+        except KeyboardInterrupt:
+            # Ctrl-C between optimiser steps: keep the progress since the last checkpoint, if its losses are finite
+            if run.state.consistent and not distributed.is_distributed() and _all_finite(run.unchecked_losses):
+                run.save_checkpoint()
+            raise
+    if stopping(run):
+        raise StoppedBySignal(
+            f"stopped on SIGTERM after step {run.state.step}; checkpoint saved to {run.checkpoint_path} - "
+            "rerun the same command to resume"
+        )
     summary = summarize(run, training_log, time.perf_counter() - started)
     training_log.plot()
     return summary
+
+
+def stopping(run: Run) -> bool:
+    """Stop before the next step: the ranks agreed on it at a sync step, or (one process) SIGTERM came.
+
+    A rank never stops on its own flag alone, or the others would wait for it in a collective.
+    """
+    return run.stop_agreed or (run.stop.requested and not distributed.is_distributed())
+
+
+def train(run: Run, training_log: TrainingLog, knn=None) -> None:
+    """Epoch after epoch until ``run.last_step``, the end of the schedule, or SIGTERM; one loader throughout."""
+    cfg, state = run.cfg, run.state
+    sampler = RunSampler(len(run.dataset), run.world, distributed.rank(), cfg.run.seed, run.per_rank_batch,
+                         cfg.optim.epochs, state.epoch, state.batch_in_epoch)
+    loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda")
+    with run_batches(loader) as batches:
+        while state.step < run.last_step and state.epoch < cfg.optim.epochs and not stopping(run):
+            train_one_epoch(run, batches, training_log, knn)
+            if state.batch_in_epoch >= run.steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
 def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
@@ -294,11 +312,33 @@ def resume(run: Run, ckpt: dict | None) -> None:
                 f"{ckpt.get('total_steps')} scheduled steps ({saved['optim']['epochs']} epochs); resume "
                 "with the same --batch and --epochs (only --max-steps may change) or use a new --out"
             )
+        check_resumed_settings(run, saved, ckpt["step"])
         run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
     else:
         run.scheduler.step_update(num_updates=0)
     run.chunk = _resolve_chunk(cfg, run.model, run.device, 2 * run.per_rank_batch)
     run.train_model = _wrap_for_training(run.model, cfg, run.device, run.world)
+
+
+def check_resumed_settings(run: Run, saved: dict, step: int) -> None:
+    """Refuse to resume with a training setting other than the checkpoint's (a silent mix of two runs),
+    unless ``--allow-config-change``: then each change is noted and appended to config-changes.jsonl."""
+    changes = changed_settings(saved, run.cfg.to_dict())
+    if not changes:
+        return
+    name, old, new = changes[0]
+    more = f" (and {len(changes) - 1} more setting(s))" if len(changes) > 1 else ""
+    if not run.cfg.run.allow_config_change:
+        raise SimclrPathError(
+            f"{run.checkpoint_path}: this run was started with {name}={old!r}, not {new!r}{more}; resume with the "
+            "same settings, use a new --out, or pass --allow-config-change to continue with the new ones (recorded "
+            "in config-changes.jsonl)"
+        )
+    if distributed.is_main():
+        with open(os.path.join(run.out, "config-changes.jsonl"), "a") as fh:
+            for name, old, new in changes:
+                fh.write(json.dumps({"step": int(step), "key": name, "was": old, "now": new}) + "\n")
+                log(f"note: {name} changed from {old!r} to {new!r} on resume (--allow-config-change)")
 
 
 def describe(run: Run) -> str:

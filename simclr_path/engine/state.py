@@ -25,14 +25,15 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     consistent: bool = True  # False while an optimiser step is half-applied
-    stop_requested: bool = False  # SIGTERM seen: finish this step, checkpoint, stop
 
 
 class StopOnSigterm:
-    """While active, SIGTERM asks the loop to stop after the current step instead of killing it."""
+    """While active, SIGTERM sets ``requested`` instead of killing the process: the loop finishes its
+    step, checkpoints and stops. Entered before the run is set up, so a SIGTERM that arrives while
+    the model is built or a checkpoint loaded still ends in a checkpoint, not a lost run."""
 
-    def __init__(self, state: TrainState):
-        self.state, self.previous = state, None
+    def __init__(self):
+        self.requested, self.previous = False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -40,7 +41,7 @@ class StopOnSigterm:
         return self
 
     def _handle(self, signum, frame):
-        self.state.stop_requested = True
+        self.requested = True
 
     def __exit__(self, *exc):
         if self.previous is not None:
