@@ -123,3 +123,100 @@ def test_torchrun_launch_is_detected_from_the_environment(real_store, tmp_path):
     assert len(lines) == 1  # rank 0 alone prints the summary
     assert json.loads(lines[0])["world_size"] == 2
     assert load_checkpoint(str(run / "checkpoint.pt"))["step"] == 2
+
+
+def _agree_main(rank, world, init_file, out):
+    from simclr_path.data.loader import RunSampler
+    from simclr_path.engine.pretrain import agree_on_chunk
+    from simclr_path.engine.state import seed_this_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    views_per_rank = 24
+    proposals = {0: 10, 1: 7}  # as if each GPU had a different amount of free memory
+    chunk = agree_on_chunk(proposals[rank], views_per_rank, torch.device("cpu"))
+    torch.manual_seed(0)  # what build_run does before the model ...
+    seed_this_rank(0, rank)  # ... and after it
+    mask = torch.rand(8)
+    order = RunSampler(40, world, rank, seed=3, per_rank_batch=4, epochs=1).order(0)
+    torch.save({"chunk": chunk, "mask": mask, "order": order}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_one_chunk_and_draw_their_own_masks_over_a_shared_data_order(tmp_path):
+    out = str(tmp_path / "rank")
+    mp.spawn(_agree_main, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1))
+    assert r0["chunk"] == r1["chunk"] == 6  # min(10, 7) = 7, rounded down to a divisor of 24
+    assert not torch.equal(r0["mask"], r1["mask"])  # dropout / stochastic depth differ per rank
+    assert set(r0["order"]).isdisjoint(r1["order"])  # one shared permutation, split between the ranks
+    assert len(r0["order"]) == len(r1["order"]) == 20
+
+
+def test_chunk_is_rounded_to_a_divisor_and_none_when_the_batch_fits():
+    from simclr_path.engine.pretrain import agree_on_chunk
+
+    cpu = torch.device("cpu")
+    assert agree_on_chunk(64, 256, cpu) == 64
+    assert agree_on_chunk(100, 256, cpu) == 64
+    assert agree_on_chunk(30, 90, cpu) == 30
+    assert agree_on_chunk(256, 256, cpu) is None and agree_on_chunk(1000, 256, cpu) is None
+
+
+@pytest.mark.parametrize("visible,local,expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1)])
+def test_each_task_uses_the_gpu_it_can_see(monkeypatch, visible, local, expected):
+    """SLURM with --gpus-per-task=1 (or GPU binding): local rank 3 sees one GPU, cuda:0."""
+    from simclr_path.runtime import distributed
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", str(local))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert distributed.local_cuda_device() == torch.device("cuda", expected)
+
+
+def test_rng_restore_takes_this_ranks_state_and_only_its_own_gpu():
+    from simclr_path.engine.state import saved_rng_for
+
+    gpu_states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    old = {"torch": torch.zeros(2, dtype=torch.uint8), "cuda": gpu_states}  # before per-rank states: all 8 GPUs
+    assert torch.equal(saved_rng_for(old, 0, 1, 0)[1], gpu_states[0])  # a 1-GPU machine restores cuda:0 only
+    assert torch.equal(saved_rng_for(old, 0, 2, 3)[1], gpu_states[3])
+    assert saved_rng_for(old, 1, 2, 1) is None  # no state for rank 1: it is seeded from (seed, rank, step)
+    per_rank = [{"torch": torch.full((2,), r, dtype=torch.uint8), "cuda": None} for r in range(4)]
+    new = {"torch": per_rank[0]["torch"], "cuda": [], "per_rank": per_rank}
+    assert torch.equal(saved_rng_for(new, 2, 4, None)[0], per_rank[2]["torch"])
+    assert saved_rng_for(new, 2, 3, None) is None  # resumed with fewer processes
+    assert torch.equal(saved_rng_for(new, 0, 3, None)[0], per_rank[0]["torch"])
+
+
+def test_bf16_autocast_runs_the_plain_step_and_the_gradient_cache_on_cpu():
+    """The bf16 path CUDA runs, exercised on the CPU: the cache equals the plain step within bf16."""
+    from simclr_path.engine.gradients import cached_loss_and_backward
+
+    views = torch.cat(global_views())
+    plain, cached = make_model().eval(), make_model().eval()
+    loss_a = loss_and_backward(plain, views, NTXentLoss(0.1), use_amp=True)
+    loss_b = cached_loss_and_backward(cached, views, NTXentLoss(0.1), use_amp=True, chunk=6)
+    assert loss_a.dtype == torch.float32  # the loss itself is computed in fp32
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=2e-2)
+    a, b = grads_of(plain), grads_of(cached)
+    assert relative_error(flat(b, a), flat(a, a)) < 5e-2
+
+
+def test_a_small_dev_shm_lowers_prefetch_or_stops_with_the_size_needed(monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from simclr_path.data.loader import choose_prefetch
+    from simclr_path.errors import SimclrPathError
+
+    usage = namedtuple("usage", "total used free")
+    batch_bytes = 2 * 512 * 224 * 224 * 3  # one batch of 512 patches at 224 px
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 100 * batch_bytes))
+    assert choose_prefetch(512, 224, workers=8) == 4  # 8 x 5 batches in flight fit in 100
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 30 * batch_bytes))
+    assert choose_prefetch(512, 224, workers=8) == 2  # 8 x 3 = 24 <= 0.8 x 30
+    assert "prefetch 2 batch(es)" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 64 * 2**20))  # Docker's default 64 MB
+    with pytest.raises(SimclrPathError, match=r"/dev/shm: the data loader needs about .* GiB .*--shm-size"):
+        choose_prefetch(512, 224, workers=8)
+    assert choose_prefetch(512, 224, workers=0) is None

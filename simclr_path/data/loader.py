@@ -14,6 +14,8 @@ which the loader pins; the training step moves it to the device and permutes it 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 
 import cv2
@@ -21,6 +23,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from simclr_path.data.datasets import TwoViewDataset
+from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.console import log
+
+#: Batches each worker prepares ahead, when shared memory allows.
+PREFETCH_FACTOR = 4
 
 
 class RunSampler(Sampler):
@@ -75,7 +82,44 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin_memory: bool) -> DataLoader:
+def shared_memory_needed(per_rank_batch: int, image_size: int, workers: int, prefetch: int,
+                         processes_on_node: int = 1) -> int:
+    """Bytes of shared memory (``/dev/shm``) the loaders of this node hold: every worker's batches in
+    flight, ``(2B, S, S, 3)`` uint8 each, for every training process of the node."""
+    return processes_on_node * workers * (prefetch + 1) * 2 * per_rank_batch * image_size * image_size * 3
+
+
+def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path: str = "/dev/shm") -> int | None:
+    """Batches each worker prepares ahead: :data:`PREFETCH_FACTOR`, or fewer when ``shm_path`` is too
+    small (a note says so); a one-line error with the size needed when even one does not fit.
+
+    Docker's default /dev/shm is 64 MB; a loader that outgrows it dies with a bus error mid-run.
+    """
+    if workers == 0:
+        return None
+    try:
+        free = shutil.disk_usage(shm_path).free
+    except OSError:
+        return PREFETCH_FACTOR  # no /dev/shm to measure (not Linux): torch picks its own way
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    for prefetch in range(PREFETCH_FACTOR, 0, -1):
+        need = shared_memory_needed(per_rank_batch, image_size, workers, prefetch, node)
+        if need <= 0.8 * free:
+            if prefetch < PREFETCH_FACTOR:
+                log(f"note: {shm_path} has {free / 2**30:.2f} GiB free; loader workers prefetch {prefetch} "
+                    f"batch(es) instead of {PREFETCH_FACTOR}")
+            return prefetch
+    need = shared_memory_needed(per_rank_batch, image_size, workers, 1, node)
+    raise SimclrPathError(
+        f"{shm_path}: the data loader needs about {need / 2**30 * 1.25:.2f} GiB of shared memory ({node} process(es) "
+        f"x {workers} workers x batches of {2 * per_rank_batch} views of {image_size} px) but {free / 2**30:.2f} GiB "
+        "is free; raise it (docker run --shm-size=16g, or a memory-backed emptyDir on Kubernetes) or lower "
+        "--workers or --batch"
+    )
+
+
+def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin_memory: bool,
+                 prefetch: int | None = PREFETCH_FACTOR) -> DataLoader:
     """The run's DataLoader: batches of ``sampler.per_rank_batch`` pairs as (2B, S, S, 3) uint8."""
     if workers > 0:
         # One OpenCV thread per worker: the workers are the parallelism. Set here, before the workers
@@ -94,7 +138,7 @@ def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin
         pin_memory=pin_memory,
         generator=generator,
         worker_init_fn=_worker_init,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=(prefetch or PREFETCH_FACTOR) if workers > 0 else None,
     )
 
 

@@ -26,13 +26,20 @@ from dataclasses import dataclass, field
 import torch
 
 from simclr_path.data.datasets import TwoViewDataset
-from simclr_path.data.loader import RunSampler, build_loader, run_batches
+from simclr_path.data.loader import RunSampler, build_loader, choose_prefetch, run_batches
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from simclr_path.engine.config import PretrainConfig, changed_settings, save_config, upgrade_config_dict
 from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk, loss_and_backward
 from simclr_path.engine.metrics import TrainingLog
-from simclr_path.engine.state import StopOnSigterm, TrainState, checkpoint_contents, restore_checkpoint
+from simclr_path.engine.state import (
+    StopOnSigterm,
+    TrainState,
+    checkpoint_contents,
+    restore_checkpoint,
+    rng_state,
+    seed_this_rank,
+)
 from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.losses import NTXentLoss
 from simclr_path.models import SimCLRModel, check_backbone_name
@@ -76,12 +83,14 @@ class Run:
         return os.path.join(self.out, CHECKPOINT_NAME)
 
     def save_checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint; the other ranks hold the same state."""
+        """Every rank hands in its RNG state; rank 0 writes the checkpoint (the model and optimiser
+        are the same on every rank)."""
+        rank_rng = distributed.all_gather(rng_state(self.device))
         if distributed.is_main():
             extra = {"store": {"paths": [os.path.abspath(p) for p in self.stores], **_store_meta(self.store)},
                      "total_steps": self.total_steps}
             contents = checkpoint_contents(self.model, self.optimizer, self.scheduler, self.state,
-                                           self.cfg.to_dict(), self.cfg.model.backbone, extra)
+                                           self.cfg.to_dict(), self.cfg.model.backbone, rank_rng, extra)
             save_checkpoint(contents, self.checkpoint_path)
 
 
@@ -227,7 +236,8 @@ def train(run: Run, training_log: TrainingLog, knn=None) -> None:
     cfg, state = run.cfg, run.state
     sampler = RunSampler(len(run.dataset), run.world, distributed.rank(), cfg.run.seed, run.per_rank_batch,
                          cfg.optim.epochs, state.epoch, state.batch_in_epoch)
-    loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda")
+    prefetch = choose_prefetch(run.per_rank_batch, cfg.views.image_size, cfg.run.workers)
+    loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda", prefetch)
     with run_batches(loader) as batches:
         while state.step < run.last_step and state.epoch < cfg.optim.epochs and not stopping(run):
             train_one_epoch(run, batches, training_log, knn)
@@ -269,7 +279,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     store = preflight(stores, cfg, world)
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", distributed.local_rank())
+        device = distributed.local_cuda_device()
     per_rank_batch = cfg.optim.global_batch // world
 
     random.seed(cfg.run.seed)
@@ -287,6 +297,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
 
         model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     model = model.to(device)
+    seed_this_rank(cfg.run.seed, rank)  # after the model is built: its initial weights are the same everywhere
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff)
@@ -313,7 +324,8 @@ def resume(run: Run, ckpt: dict | None) -> None:
                 "with the same --batch and --epochs (only --max-steps may change) or use a new --out"
             )
         check_resumed_settings(run, saved, ckpt["step"])
-        run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+        run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, distributed.rank(), run.world,
+                                       run.device, cfg.run.seed)
     else:
         run.scheduler.step_update(num_updates=0)
     run.chunk = _resolve_chunk(cfg, run.model, run.device, 2 * run.per_rank_batch)
@@ -411,13 +423,30 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
 
 
 def _resolve_chunk(cfg: PretrainConfig, model, device, views_per_rank: int) -> int | None:
-    """``--chunk``: None (whole batch at once), a number of views, or 'auto' (from free GPU memory)."""
+    """``--chunk``: None (whole batch at once), a number of views, or 'auto' (from free GPU memory).
+
+    Every rank must embed the same number of chunks (each chunk's backward is a collective), so the
+    ranks agree on the smallest proposal, rounded down to a divisor of the per-rank views (a ragged
+    last chunk would also recompile under torch.compile).
+    """
     chunk = cfg.run.grad_cache_chunk
     if chunk is None:
         return None
-    if chunk == "auto":
-        return choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.bf16)
-    return int(chunk)
+    proposed = choose_chunk(model, cfg.views.image_size, views_per_rank, device, cfg.run.bf16) if chunk == "auto" \
+        else int(chunk)
+    agreed = agree_on_chunk(views_per_rank if proposed is None else proposed, views_per_rank, device)
+    if chunk != "auto" and agreed != int(chunk) and distributed.is_main():
+        log(f"note: --chunk {chunk} rounded to {agreed or views_per_rank} views, a divisor of the "
+            f"{views_per_rank} views per process")
+    return agreed
+
+
+def agree_on_chunk(proposed: int, views_per_rank: int, device) -> int | None:
+    """The chunk every rank uses: the smallest ``proposed`` over ranks, rounded down to a divisor of
+    ``views_per_rank``; None when that is the whole batch (no cache needed)."""
+    smallest = max(1, min(distributed.all_min(int(proposed), device), views_per_rank))
+    divisor = max(d for d in range(1, smallest + 1) if views_per_rank % d == 0)
+    return None if divisor >= views_per_rank else divisor
 
 
 def _wrap_for_training(model, cfg: PretrainConfig, device, world: int):

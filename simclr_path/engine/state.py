@@ -49,9 +49,26 @@ class StopOnSigterm:
         return False
 
 
+def seed_this_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Give rank ``rank`` its own model RNG stream (dropout, stochastic depth), so masks do not repeat
+    across ranks; rank 0 keeps the stream of a single-process run. The data order is unaffected:
+    the sampler and the views have seeds of their own."""
+    if rank:
+        torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % 2**63)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG, and its own GPU's (never the other GPUs it may see)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
 def checkpoint_contents(model, optimizer, scheduler, state: TrainState, config: dict, backbone: str,
-                        extra: dict) -> dict:
-    """Everything a resumed run needs, as a dict ``torch.load(weights_only=True)`` can read."""
+                        rank_rng: list[dict], extra: dict) -> dict:
+    """Everything a resumed run needs, as a dict ``torch.load(weights_only=True)`` can read.
+
+    ``rank_rng`` is :func:`rng_state` of every rank, in rank order.
+    """
     return {
         "model": strip_prefixes(model.state_dict()),
         "optimizer": optimizer.state_dict(),
@@ -60,9 +77,10 @@ def checkpoint_contents(model, optimizer, scheduler, state: TrainState, config: 
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
         "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch": rank_rng[0]["torch"],
+            "cuda": [] if rank_rng[0]["cuda"] is None else [rank_rng[0]["cuda"]],
             "python": random.getstate(),
+            "per_rank": rank_rng,
         },
         "config": _plain(config),
         "backbone": backbone,
@@ -70,14 +88,40 @@ def checkpoint_contents(model, optimizer, scheduler, state: TrainState, config: 
     }
 
 
-def restore_checkpoint(ckpt: dict, model, optimizer, scheduler) -> TrainState:
-    """Load a checkpoint's model, optimiser, scheduler and RNG; returns the state to go on from."""
+def saved_rng_for(rng: dict, rank: int, world: int, device_index: int | None) -> tuple[object, object] | None:
+    """(torch state, GPU state or None) this rank should restore, or None when the checkpoint has none
+    for it (it was written by a different number of processes, and this is not rank 0).
+
+    Checkpoints from before per-rank states kept ``cuda`` as the states of *every* visible GPU; only
+    this rank's GPU is taken from it, so a machine with fewer GPUs can resume.
+    """
+    per_rank = rng.get("per_rank")
+    if per_rank and len(per_rank) == world:
+        return per_rank[rank]["torch"], per_rank[rank]["cuda"]
+    if rank != 0:
+        return None
+    cuda = rng.get("cuda") or []
+    index = device_index or 0
+    return rng["torch"], (cuda[index] if index < len(cuda) else (cuda[0] if len(cuda) == 1 else None))
+
+
+def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, world: int = 1,
+                       device: torch.device = torch.device("cpu"), seed: int = 0) -> TrainState:
+    """Load a checkpoint's model, optimiser, scheduler and RNG; returns the state to go on from.
+
+    Each rank restores its own RNG (and only its own GPU's); a rank the checkpoint has no state for
+    (a different number of processes) is seeded from (seed, rank, step) instead.
+    """
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    saved = saved_rng_for(ckpt["rng"], rank, world, device.index if device.type == "cuda" else None)
+    if saved is None:
+        seed_this_rank(seed, rank, ckpt["step"])
+    else:
+        torch.set_rng_state(saved[0])
+        if saved[1] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved[1], device)
     random.setstate(_tuples(ckpt["rng"]["python"]))
     return TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"])
 

@@ -48,6 +48,34 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
+def local_cuda_device() -> torch.device:
+    """The GPU of this process: ``cuda:<local rank>`` when it sees one GPU per local rank, else the
+    one it is given. Under SLURM with ``--gpus-per-task=1`` or GPU binding, each task sees a single
+    GPU (as ``cuda:0``) and its local rank may be 3: ``cuda:3`` does not exist there."""
+    visible = torch.cuda.device_count()
+    if visible < 1:
+        raise SimclrPathError("no CUDA GPU is visible to this process; check CUDA_VISIBLE_DEVICES or use --device cpu")
+    return torch.device("cuda", local_rank() % visible)
+
+
+def all_min(value: int, device: torch.device) -> int:
+    """The smallest of an integer over all ranks (the same answer on every rank)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -103,7 +131,7 @@ def init_process_group(device_type: str) -> torch.device:
     backend = "nccl" if device_type == "cuda" else "gloo"
     device = torch.device("cpu")
     if device_type == "cuda":
-        device = torch.device("cuda", local_rank())
+        device = local_cuda_device()
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
