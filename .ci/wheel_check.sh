@@ -6,7 +6,7 @@ set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m pip wheel --quiet --no-deps --no-build-isolation -w "$work/dist" "$src"
+python3 -m pip wheel --quiet --no-deps -w "$work/dist" "$src"
 python3 -m venv --system-site-packages "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet --no-deps "$work"/dist/simclr_path-*.whl
 cd "$work"

@@ -1,4 +1,4 @@
-"""Command-line options shared by commands that take the same settings (``views``; ``pretrain`` to follow).
+"""Command-line options shared by commands that take the same settings (``views`` and ``pretrain``).
 
 :func:`view_options` adds the augmentation overrides; every one defaults to None, meaning "keep the
 value of the config" (``--config``), so a preset stays the single source of defaults.

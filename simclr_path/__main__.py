@@ -2,4 +2,5 @@
 
 from simclr_path.cli.main import cli
 
-cli(prog_name="simclr-path")
+if __name__ == "__main__":
+    cli(prog_name="simclr-path")

@@ -291,8 +291,12 @@ def test_stores_of_different_resolutions_need_mixed_mpp_and_are_all_recorded(tmp
     assert run_cli("export", tmp_path / "run", tmp_path / "enc.pt").exit_code == 0
     _, meta = load_encoder(str(tmp_path / "enc.pt"))
     assert sorted(s["target_mpp"] for s in meta["store_resolutions"]) == [0.25, 0.5]
-    assert meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # the first store's patches at 48 px
+    assert meta["patch_mpp"] is None and meta["input_mpp"] is None  # no single resolution to claim
     assert meta["crop_scale"] == [0.08, 1.0]  # the default views (no --config)
+    assert run_cli("pretrain", stores[0], "--out", tmp_path / "one", *args).exit_code == 0
+    assert run_cli("export", tmp_path / "one", tmp_path / "one.pt").exit_code == 0
+    _, meta = load_encoder(str(tmp_path / "one.pt"))
+    assert meta["patch_mpp"] == 0.5 and meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # 64 px patches at 48
 
 
 def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tmp_path):
@@ -308,7 +312,29 @@ def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tm
     assert r.exit_code == 0, r.stderr
     assert not (run / "config-changes.jsonl").exists()
     r = run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 3, "--temperature", 0.3,
-                "--allow-config-change")
+                "--weight-decay", 1e-4, "--allow-config-change")
     assert r.exit_code == 0, r.stderr
     changes = [json.loads(line) for line in (run / "config-changes.jsonl").read_text().splitlines()]
-    assert changes == [{"step": 2, "key": "loss.temperature", "was": 0.1, "now": 0.3}]
+    assert changes == [{"step": 2, "key": "loss.temperature", "was": 0.1, "now": 0.3},
+                       {"step": 2, "key": "optim.weight_decay", "was": 1e-6, "now": 1e-4}]
+    groups = load_checkpoint(os.path.join(run, "checkpoint.pt"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]  # the change took effect, not just the record
+    assert [g["always_adapt"] for g in groups] == [True, False]
+
+
+def test_pretrain_shuffles_the_gradient_cache_views_differently_every_step(real_store, tmp_path, monkeypatch):
+    from simclr_path.engine import pretrain as train
+
+    seeds = []
+    real = train.cached_loss_and_backward
+
+    def recording(model, views, loss_fn, use_amp, chunk, shuffle_seed=0):
+        seeds.append(shuffle_seed)
+        return real(model, views, loss_fn, use_amp, chunk, shuffle_seed)
+
+    monkeypatch.setattr(train, "cached_loss_and_backward", recording)
+    cfg = tiny_config(max_steps=3)
+    cfg.run.grad_cache_chunk = 16
+    pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
+    assert seeds == [train.shuffle_seed(cfg.run.seed, step) for step in range(3)] and len(set(seeds)) == 3
+

@@ -77,8 +77,11 @@ def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
 
 
 def _worker_init(worker_id: int) -> None:
-    """Workers leave SIGTERM to the training process, which checkpoints and then ends them (a
-    scheduler's ``scancel`` signals every process of the job, workers included)."""
+    """One OpenCV thread per worker (the workers are the parallelism). Workers leave SIGTERM to the
+    training process, which checkpoints and then ends them (a scheduler's ``scancel`` signals every
+    process of the job, workers included)."""
+    if cv2.getNumThreads() != 1:  # a spawned/forkserver worker; a forked one inherited 1 (see run_batches)
+        cv2.setNumThreads(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -121,11 +124,6 @@ def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path
 def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin_memory: bool,
                  prefetch: int | None = PREFETCH_FACTOR) -> DataLoader:
     """The run's DataLoader: batches of ``sampler.per_rank_batch`` pairs as (2B, S, S, 3) uint8."""
-    if workers > 0:
-        # One OpenCV thread per worker: the workers are the parallelism. Set here, before the workers
-        # fork, so they inherit it: calling cv2.setNumThreads in a forked child can deadlock on the
-        # parent's thread pool. (The training process itself does no OpenCV work then.)
-        cv2.setNumThreads(1)
     generator = torch.Generator()
     generator.manual_seed(dataset.seed * 100_003 + sampler.start_epoch)  # worker seeds, not the global RNG
     return DataLoader(
@@ -150,7 +148,14 @@ def run_batches(loader: DataLoader):
     one left to the garbage collector - kept alive by a traceback, say - would hold up the exit of
     the process that started it.
     """
-    batches = iter(loader)
+    # Forked workers inherit OpenCV's thread count: set 1 while they start (calling cv2.setNumThreads
+    # inside a forked child can deadlock on the parent's thread pool), then give the trainer its own back.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        batches = iter(loader)
+    finally:
+        cv2.setNumThreads(threads)
     try:
         yield batches
     finally:

@@ -66,7 +66,10 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
         model.load_state_dict(weights, strict=True)  # the export must match timm's names exactly
     except RuntimeError as exc:
         raise SimclrPathError(f"{source}: weights do not match timm's {name} ({str(exc).splitlines()[0]})") from None
-    store = ckpt.get("store", {})
+    store = dict(ckpt.get("store", {}))
+    if len({(r["target_mpp"], r["magnification"]) for r in store.get("resolutions", [])}) > 1:
+        # a --mixed-mpp run has no one patch resolution: store_resolutions below lists them all
+        store["target_mpp"] = store["magnification"] = None
     views = cfg["views"]
     metadata = {
         "format": ENCODER_FORMAT,

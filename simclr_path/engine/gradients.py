@@ -81,7 +81,10 @@ def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use
     every step), or in their own order when it is None.
     """
     device = views.device
-    order = None if shuffle_seed is None else shuffled_order(views.shape[0], shuffle_seed).to(device)
+    order = None
+    if shuffle_seed is not None:
+        order = shuffled_order(views.shape[0], shuffle_seed)
+        order = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order
     pieces = (views if order is None else views[order]).split(chunk)
     rng_states, embeddings = [], []
     bn_saved = _bn_buffers(model)

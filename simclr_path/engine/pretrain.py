@@ -74,6 +74,8 @@ class Run:
     total_steps: int
     last_step: int  # where this invocation stops: max_steps or the end of the schedule
     state: TrainState
+    mean: torch.Tensor = None  # (1, 3, 1, 1) normalisation constants, made on the device once
+    std: torch.Tensor = None
     unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
     stop: StopOnSigterm = field(default_factory=StopOnSigterm)  # SIGTERM seen by this process
     stop_agreed: bool = False  # the ranks agreed at a sync step that one of them saw SIGTERM
@@ -109,7 +111,7 @@ def model_input(batch: torch.Tensor, run: Run) -> torch.Tensor:
     The permute of an NHWC tensor is already channels_last in memory; normalising keeps that layout.
     """
     views = batch.to(run.device, non_blocking=True).permute(0, 3, 1, 2)
-    views = normalize(views, run.cfg.views.mean, run.cfg.views.std)
+    views = normalize(views, run.mean, run.std)
     return views.contiguous(memory_format=torch.channels_last if run.cfg.model.channels_last
                             else torch.contiguous_format)
 
@@ -117,11 +119,25 @@ def model_input(batch: torch.Tensor, run: Run) -> torch.Tensor:
 def read_losses(pending: list[torch.Tensor], stop_requested: bool, device) -> tuple[list[float], bool]:
     """The global-batch losses of ``pending`` steps and whether any rank asked to stop: one collective
     and one host sync for all of them."""
-    packed = torch.cat([torch.stack(pending).double(), torch.tensor([float(stop_requested)], dtype=torch.float64,
-                                                                   device=device)])
+    flag = torch.tensor([float(stop_requested)], dtype=torch.float64, device=device)
+    packed = torch.cat([torch.stack(pending).double(), flag]) if pending else flag
     values = distributed.all_sum(packed).tolist()
     world = distributed.world_size()
     return [v / world for v in values[:-1]], values[-1] > 0
+
+
+def check_losses(run: Run, through_step: int) -> tuple[list[float], bool]:
+    """Read the unchecked losses (the last one is step ``through_step``); raise on NaN/inf naming the
+    first bad step. Returns the losses and whether the ranks agree to stop."""
+    losses, stop = read_losses(run.unchecked_losses, run.stop.requested, run.device)
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        first = through_step - (len(losses) - 1 - bad[0])
+        raise SimclrPathError(
+            f"loss became {losses[bad[0]]} at step {first}; stopped without saving, the last good checkpoint is "
+            f"kept - lower --lr or check the data, then rerun to resume"
+        )
+    return losses, stop
 
 
 def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
@@ -135,45 +151,51 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
         views = model_input(batch, run)
         run.optimizer.zero_grad(set_to_none=True)
         if run.chunk is not None and run.chunk < views.shape[0]:
-            shuffle_seed = (cfg.run.seed * 1_000_003 + state.step) % 2**63
-            loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk, shuffle_seed)
+            loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk,
+                                            shuffle_seed(cfg.run.seed, state.step))
         else:
             loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp)
         run.unchecked_losses.append(loss)
         images += views.shape[0] * run.world
         # One process acts on SIGTERM at the next step; ranks agree on it at the next sync step.
         sync = is_sync_step(run, state.step + 1) or (run.stop.requested and not distributed.is_distributed())
-        if sync:
-            losses, stop = read_losses(run.unchecked_losses, run.stop.requested, run.device)
-            bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
-            if bad:  # losses[-1] is the step being completed, state.step + 1
-                first = state.step + 1 - (len(losses) - 1 - bad[0])
-                raise SimclrPathError(
-                    f"loss became {losses[bad[0]]} at step {first}; stopped without saving, the last good checkpoint is "
-                    f"kept - lower --lr or check the data, then rerun to resume"
-                )
+        if sync:  # before the optimiser step, so a non-finite loss is never applied and then saved
+            losses, stop = check_losses(run, state.step + 1)
         state.consistent = False
         run.optimizer.step()
         state.step += 1
         state.batch_in_epoch += 1
         run.scheduler.step_update(num_updates=state.step)
         state.consistent = True
-        if not sync:
-            continue
 
-        run.unchecked_losses = []
-        log.steps_done(state.step, state.epoch, losses, run.optimizer.param_groups[0]["lr"], images,
-                       time.perf_counter() - since)
-        since, images = time.perf_counter(), 0
+        if sync:
+            run.unchecked_losses = []
+            log.steps_done(state.step, state.epoch, losses, run.optimizer.param_groups[0]["lr"], images,
+                           time.perf_counter() - since)
+            since, images = time.perf_counter(), 0
         if knn is not None and (state.step % cfg.run.eval_every == 0 or state.step == run.last_step):
-            log.knn(state.step, state.epoch, evaluate(run, knn))
-        if state.step % cfg.run.checkpoint_every == 0:
+            log.knn(state.step, state.epoch, evaluate(run, knn))  # rank 0 only; no collective
+        if sync and state.step % cfg.run.checkpoint_every == 0:  # checkpoint steps are always sync steps
             run.save_checkpoint()
         if state.step >= run.last_step:
             break
-        if stop:  # every rank stops at the same step when any one was asked to
+        if sync and stop:  # every rank stops at the same step when any one was asked to
             run.stop_agreed = True
             break
+
+
+def settle_losses(run: Run, log: TrainingLog) -> None:
+    """Check and log losses still unread (a loop that ended between sync steps) before a checkpoint
+    is written. Every rank gets here at the same step with the same number pending."""
+    if run.unchecked_losses:
+        losses, _ = check_losses(run, run.state.step)
+        run.unchecked_losses = []
+        log.steps_done(run.state.step, run.state.epoch, losses, run.optimizer.param_groups[0]["lr"], 0, 1.0)
+
+
+def shuffle_seed(seed: int, step: int) -> int:
+    """The gradient cache's view shuffle for ``step``: new every step, the same on resume."""
+    return (seed * 1_000_003 + step) % 2**63
 
 
 def evaluate(run: Run, knn) -> float:
@@ -207,6 +229,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
         try:
             with training_log:
                 train(run, training_log, knn)
+                settle_losses(run, training_log)
                 run.save_checkpoint()
         except KeyboardInterrupt:
             # Ctrl-C between optimiser steps: keep the progress since the last checkpoint, if its losses are finite
@@ -308,6 +331,8 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
                optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.loss.temperature,
                                                                             gather_distributed=True),
                lr=lr, chunk=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step,
+               mean=torch.tensor(cfg.views.mean, device=device).view(1, 3, 1, 1),
+               std=torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1),
                state=TrainState())
 
 
@@ -478,6 +503,8 @@ def _rounded(value) -> float | None:
 
 def _resolution_text(resolution: tuple[float | None, float | None]) -> str:
     mpp, magnification = resolution
+    if mpp is None and magnification is None:
+        return "(resolution not recorded)"
     return f"{mpp} um/px" if mpp is not None else f"{magnification}x"
 
 

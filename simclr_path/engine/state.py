@@ -111,10 +111,18 @@ def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, w
 
     Each rank restores its own RNG (and only its own GPU's); a rank the checkpoint has no state for
     (a different number of processes) is seeded from (seed, rank, step) instead.
+
+    The optimiser's state (momentum buffers) comes from the checkpoint, its settings (weight decay,
+    LARS adaptation, momentum, trust coefficient) from this run's config, and the learning rate from
+    the schedule at the checkpoint's step: torch's ``load_state_dict`` would otherwise bring back
+    the old settings and silently ignore an allowed change (or keep a pre-fix ``always_adapt``).
     """
     model.load_state_dict(ckpt["model"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    scheduler.step_update(num_updates=ckpt["step"])
     saved = saved_rng_for(ckpt["rng"], rank, world, device.index if device.type == "cuda" else None)
     if saved is None:
         seed_this_rank(seed, rank, ckpt["step"])
