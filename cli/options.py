@@ -14,7 +14,7 @@ from simclr_path.errors import SimclrPathError
 
 #: Parameter names :func:`view_options` adds to a command (and :func:`apply_view_options` takes).
 VIEW_OPTION_NAMES = ("image_size", "crop_scale", "flip_p", "rot90_p", "jitter_p", "color_jitter", "grayscale_p",
-                     "blur_p", "he_stain_p")
+                     "blur_p", "he_stain_p", "light_p")
 
 _KEEP = " [default: the config's]"
 
@@ -37,6 +37,9 @@ def view_options(command):
         click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur." + _KEEP),
         click.option("--he-stain-p", type=float, default=None,
                      help="Probability of H&E stain augmentation." + _KEEP),
+        click.option("--light-p", type=float, default=None,
+                     help="Probability that a view is light: crop, flips and rotations only (no stain, colour, "
+                          "grayscale or blur)." + _KEEP),
     ]
     for option in reversed(options):  # so --help lists them in the order above
         command = option(command)
@@ -94,6 +97,7 @@ _VIEW_CHECKS = [
     ("grayscale_p", "grayscale_p", _probability, "a probability in [0, 1]"),
     ("blur_p", "blur_p", _probability, "a probability in [0, 1]"),
     ("he_stain_p", "he_stain_p", _probability, "a probability in [0, 1]"),
+    ("light_p", "light_p", _probability, "a probability in [0, 1]"),
 ]
 
 

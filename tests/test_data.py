@@ -166,3 +166,21 @@ def test_loader_workers_live_for_the_whole_run():
     batches = all_batches(TwoViewDataset(PidPatches(12), IDENTITY), 2, epochs=4)
     pids = {int.from_bytes(bytes(batch[i, 0, 0].tolist()), "little") for batch in batches for i in range(len(batch))}
     assert len(pids) == 2  # the same two worker processes served all four epochs
+
+
+def test_light_views_skip_the_photometric_block_and_nothing_else():
+    """views.light_p makes the mix of light and strong views an explicit setting: a light view gets
+    no stain, colour, grayscale or blur; geometry is untouched and still independent of it."""
+    cfg = ViewConfig(image_size=24, light_p=0.5, he_stain_p=0.3)
+    transform = build_transform(cfg, record=True)
+    photometric = {"HEStain", "ColorJitter", "ToGray", "GaussianBlur"}
+    light, flips_when_light, flips_when_strong = 0, [], []
+    for seed in range(1500):
+        for result in draw_views(transform, image(), seed):
+            names = {name for name, _ in result["applied_transforms"]}
+            is_light = not names & photometric
+            light += is_light
+            (flips_when_light if is_light else flips_when_strong).append("HorizontalFlip" in names)
+    strong_but_plain = (1 - 0.3) * (1 - 0.8) * (1 - 0.2) * (1 - 0.5)  # a strong view where nothing fired
+    assert abs(light / 3000 - (0.5 + 0.5 * strong_but_plain)) < 0.04
+    assert abs(np.mean(flips_when_light) - np.mean(flips_when_strong)) < 0.05

@@ -209,7 +209,7 @@ def legend_items(cfg: ViewConfig, seed: int, epoch: int, patch_side: int, n: int
          f"saturation {cfg.saturation:g}, hue {cfg.hue:g}",
          f"grayscale p {cfg.grayscale_p:.2f}",
          f"blur p {cfg.blur_p:.2f} (sigma {sigma_min:g}-{sigma_max:g} px)",
-         f"HE stain p {cfg.he_stain_p:.2f}"],
+         f"HE stain p {cfg.he_stain_p:.2f}", f"light views p {cfg.light_p:.2f}"],
         ["each triplet: patch (whole, resized to the view size), view 1, view 2",
          "labels: the transforms that fired, crop as % of the patch area"],
     ]

@@ -41,6 +41,10 @@ class ViewConfig:
         grayscale_p: probability of grayscale (default 0.2).
         blur_p: probability of Gaussian blur (default 0.5), sigma in ``blur_sigma`` (0.1-2.0).
         he_stain_p: probability of H&E stain augmentation (default 0.0: off).
+        light_p: probability that a view is light - crop, flips and rotations only, none of the
+            photometric transforms (stain, colour jitter, grayscale, blur) - so training sees a mix
+            of light and strong views (default 0.0: every view may get all of them, each at its own
+            rate). Within a strong view the photometric transforms still fire independently.
         mean, std: normalisation, carried into the exported encoder (default ImageNet).
     """
 
@@ -58,6 +62,7 @@ class ViewConfig:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     he_stain_p: float = 0.0
+    light_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -77,15 +82,16 @@ def build_transform(cfg: ViewConfig, record: bool = False) -> A.Compose:
         A.VerticalFlip(p=cfg.vflip_p),
         A.RandomRotate90(p=cfg.rot90_p),
     ]
-    if cfg.he_stain_p > 0:
-        steps.append(A.HEStain(method="random_preset", p=cfg.he_stain_p))
-    steps += [
+    photometric = [A.HEStain(method="random_preset", p=cfg.he_stain_p)] if cfg.he_stain_p > 0 else []
+    photometric += [
         A.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue,
                       p=cfg.jitter_p),
         A.ToGray(num_output_channels=3, p=cfg.grayscale_p),
         A.GaussianBlur(blur_limit=(blur_kernel, blur_kernel), sigma_limit=tuple(cfg.blur_sigma), p=cfg.blur_p),
     ]
-    return A.Compose(steps, save_applied_params=record)
+    if cfg.light_p > 0:  # a light view skips the whole photometric block
+        photometric = [A.Sequential(photometric, p=1.0 - cfg.light_p)]
+    return A.Compose(steps + photometric, save_applied_params=record)
 
 
 def draw_views(transform: A.Compose, image: np.ndarray, seed: int, n: int = 2) -> list[dict]:
