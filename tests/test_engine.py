@@ -31,6 +31,7 @@ def tiny_config(**overrides) -> PretrainConfig:
     cfg.optim.epochs = 20
     cfg.optim.warmup_epochs = 0
     cfg.run.log_every = 1
+    cfg.loss.temperature = 0.1  # the loss scale the thresholds below were set at (the preset's may change)
     return cfg
 
 
