@@ -112,6 +112,129 @@ def test_rerun_skips_by_fingerprint_even_when_renamed(tmp_path):
     assert s["slides_skipped"] == 1 and s["slides_tiled"] == 0
 
 
+class RecordingReporter:
+    """A Reporter that records what ``tile`` reports, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, slides, done=0, fingerprints=0):
+        self.events.append(("start", slides, fingerprints))
+
+    def fingerprinted(self, n=1):
+        self.events.append(("fingerprinted", n))
+
+    def add_patches(self, n):
+        pass
+
+    def patches_done(self, n):
+        self.events.append(("patches", n))
+
+    def advance_slide(self):
+        self.events.append(("slide",))
+
+    def log(self, message):
+        self.events.append(("log", message))
+
+    def stop(self):
+        pass
+
+
+def test_fingerprints_as_tiling_goes_with_progress_and_the_same_names(tmp_path):
+    import shutil
+
+    from simclr_path.wsi.discover import find_slides, slide_names
+    from simclr_path.wsi.slide import fingerprint
+
+    for i, rel in enumerate(["a/s.tif", "b/s.tif", "c.tif", "d.tif", "e.tif", "f.tif"]):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        write_slide(tmp_path / rel, tissue_image(512, 512, seed=i), levels=1)
+    (tmp_path / "g").mkdir()
+    shutil.copy(tmp_path / "a" / "s.tif", tmp_path / "g" / "s.tif")  # used to crash the run
+    slides = find_slides([str(tmp_path)])
+    out = tmp_path / "p.h5"
+    spec = TileSpec(target_mpp=0.25, patch_size=64)
+    reporter = RecordingReporter()
+    result = tile_slides(slides, str(out), spec, workers=0, reporter=reporter)
+    assert result.ok and result.slides_tiled == 6 and result.slides_skipped == 1
+    # the names are those of slide_names over all fingerprints: s-<fp8> for the s.tif files
+    expected = slide_names(slides, {p: fingerprint(p) for p in slides})
+    assert sorted(PatchStore(out).slide_names) == sorted(set(expected.values()))
+    assert len({v for v in expected.values() if v.startswith("s-")}) == 2
+    kinds = [e[0] for e in reporter.events]
+    assert reporter.events[0] == ("start", 7, 7)
+    assert kinds.count("fingerprinted") == 7  # progress: one tick per slide
+    last_fingerprint = len(kinds) - 1 - kinds[::-1].index("fingerprinted")
+    assert kinds.index("patches") < last_fingerprint, "tiling waited for every fingerprint"
+    assert ("log", f"{tmp_path / 'g' / 's.tif'}: identical to {tmp_path / 'a' / 's.tif'}, skipped") in reporter.events
+    # a rerun skips all, and says so once all are fingerprinted
+    reporter = RecordingReporter()
+    assert tile_slides(slides, str(out), spec, workers=0, reporter=reporter).slides_skipped == 7
+    assert [e for e in reporter.events if e[0] == "log"] == [("log", f"{out}: 7 slide(s) already complete, skipped")]
+
+
+def test_names_do_not_depend_on_the_order_fingerprints_arrive_in():
+    import hashlib
+    import random
+
+    from simclr_path.wsi.discover import slide_names
+    from simclr_path.wsi.tiler import _SlideQueue
+
+    paths = ["d1/x.svs", "d2/x.svs", "d3/x.tif", "y.svs", "z.svs", "d4/w.svs", "d5/w.svs", "v.svs"]
+    fps = {p: hashlib.sha256(p.encode()).hexdigest()[:32] for p in paths}
+    fps["d5/w.svs"] = fps["d4/w.svs"]  # the same file twice: tiled once
+    fps["v.svs"] = None  # unreadable
+    done = {fps["z.svs"]: "z", fps["d3/x.tif"]: "old-name"}  # complete (d3/x.tif under another name)
+    taken = {"z", "old-name", "y"}  # "y" holds other content: y.svs gets a suffix
+    names = slide_names(paths, {p: fp or "" for p, fp in fps.items()})
+    expected = {p: names[p] for p in ("d1/x.svs", "d2/x.svs", "d4/w.svs")}
+    expected["y.svs"] = f"y-{fps['y.svs'][:8]}"
+    rng = random.Random(0)
+    for trial in range(30):
+        order = paths[:]
+        rng.shuffle(order)
+        queue, tiled, skipped = _SlideQueue(paths, done, taken), {}, {}
+        for path in order:
+            tile, skip = queue.add(path, fps[path])
+            if path in ("y.svs", "z.svs"):  # a stem nobody shares is decided at once
+                assert [p for p, _ in tile + skip] == [path]
+            tiled.update(tile)
+            skipped.update(skip)
+        assert tiled == expected, order
+        assert sorted(skipped) == ["d3/x.tif", "d5/w.svs", "z.svs"]
+        assert queue.complete and queue.already_complete == 2
+
+
+def test_fingerprints_are_taken_in_the_workers_and_still_skip_renamed_slides(tmp_path, monkeypatch):
+    from simclr_path.wsi import slide as slide_module
+    from simclr_path.wsi import tile_reader, tiler
+
+    slides = [write_slide(tmp_path / f"{n}.tif", tissue_image(512, 512, seed=i), levels=1) for i, n in enumerate("ab")]
+    out = tmp_path / "p.h5"
+    spec = TileSpec(target_mpp=0.25, patch_size=64)
+    assert tile_slides(slides[:1], str(out), spec, workers=0).slides_tiled == 1
+    renamed = str(tmp_path / "renamed.tif")
+    os.rename(slides[0], renamed)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a slide was fingerprinted in the main process")
+
+    for module in (slide_module, tile_reader, tiler):  # spawned workers import their own copies
+        monkeypatch.setattr(module, "fingerprint", not_here, raising=False)
+    result = tile_slides([renamed, slides[1]], str(out), spec, workers=1)
+    assert result.ok, result.failures
+    assert result.slides_skipped == 1 and result.slides_tiled == 1
+    assert PatchStore(out).slide_names == ["a", "b"]
+
+
+def test_slide_gone_before_its_fingerprint_fails_alone(tmp_path):
+    good = write_slide(tmp_path / "good.tif", tissue_image(512, 512, seed=1), levels=1)
+    gone = str(tmp_path / "gone.tif")  # listed, then deleted before tiling reached it
+    result = tile_slides([gone, good], str(tmp_path / "p.h5"), TileSpec(target_mpp=0.25, patch_size=64), workers=0)
+    assert result.slides_tiled == 1
+    assert result.failures == [{"slide": gone, "error": f"{gone}: no such file; check the path"}]
+
+
 def read_all(path):
     with h5py.File(path) as f:
         out = {}

@@ -35,7 +35,9 @@ class Reporter:
         self.enabled = enabled
         self._progress: Progress | None = None
 
-    def start(self, slides: int, done: int = 0) -> None:
+    def start(self, slides: int, done: int = 0, fingerprints: int = 0) -> None:
+        """Show the bars: slides (``done`` of them already), patches, and, when ``fingerprints``,
+        the slides fingerprinted so far (tiling starts before they all are)."""
         if not self.enabled:
             return
         self._progress = Progress(
@@ -52,7 +54,17 @@ class Reporter:
         )
         self._slides = self._progress.add_task("slides", total=slides, completed=done, rate="")
         self._patches = self._progress.add_task("patches", total=0, rate="")
+        self._fingerprints = None
+        if fingerprints:
+            self._fingerprints = self._progress.add_task("fingerprinting", total=fingerprints, rate="")
         self._progress.start()
+
+    def fingerprinted(self, n: int = 1) -> None:
+        if self._progress is not None and self._fingerprints is not None:
+            self._progress.advance(self._fingerprints, n)
+            task = self._progress.tasks[self._fingerprints]
+            if task.finished:
+                self._progress.update(self._fingerprints, description="fingerprinted")
 
     def log(self, message: str) -> None:
         if self._progress is not None:

@@ -12,7 +12,9 @@ import numpy as np
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store.codecs import read_patch
-from simclr_path.store.format import SLIDES, check_is_store, jsonable, open_h5
+from simclr_path.store.format import (
+    SLIDES, TRANSIENT, TornRead, check_slide, jsonable, open_h5, read_store, retrying,
+)
 
 
 class PatchStore:
@@ -21,6 +23,9 @@ class PatchStore:
     ``len(store)`` counts patches over all stores; ``store[i]`` is an HxWx3 uint8 RGB array;
     ``store.coords(i)`` is ``(slide_name, x, y)`` in level-0 pixels. HDF5 handles are opened lazily
     in each process, so a ``PatchStore`` can be handed to ``DataLoader`` workers.
+
+    A store that ``simclr-path tile`` is still writing can be read: a ``PatchStore`` holds the
+    slides that were complete when it was created (slides are never changed once complete).
 
     Args:
         paths: one store path or several; several are concatenated in the order given.
@@ -38,16 +43,14 @@ class PatchStore:
         self.labels: list[np.ndarray | None] = []
         self.attrs: list[dict] = []
         for path_index, path in enumerate(self.paths):
-            with open_h5(path, "r") as f:
-                check_is_store(f, path)
-                self.attrs.append(dict(f.attrs))
-                self.codecs.append(str(f.attrs["codec"]))
-                for name, group in f[SLIDES].items():
-                    n = int(group["coords"].shape[0])
-                    if n == 0:
-                        continue
-                    self._slides.append((path_index, name))
-                    self._offsets.append(self._offsets[-1] + n)
+            attrs, slides = read_store(path, _complete_slides)
+            self.attrs.append(attrs)
+            self.codecs.append(str(attrs["codec"]))
+            for name, n in slides:
+                if n == 0:
+                    continue
+                self._slides.append((path_index, name))
+                self._offsets.append(self._offsets[-1] + n)
         self.patch_size = int(self.attrs[0]["patch_size"])
         for path, attrs in zip(self.paths, self.attrs):
             if int(attrs["patch_size"]) != self.patch_size:
@@ -74,7 +77,7 @@ class PatchStore:
         """The HDF5 group of slide ``name`` (coords and their attributes, labels, ...)."""
         for i, (_, slide_name) in enumerate(self._slides):
             if slide_name == name:
-                return self._group(i)
+                return self._read(i, lambda: self._group(i))
         raise KeyError(name)
 
     def _locate(self, index: int) -> tuple[int, int]:
@@ -94,10 +97,29 @@ class PatchStore:
             f = self._files[path_index] = open_h5(self.paths[path_index], "r")
         return f[SLIDES][name]
 
+    def _read(self, slide: int, read):
+        """``read()``, retried on fresh handles if it fails while a writer is flushing the store."""
+        path_index = self._slides[slide][0]
+        return retrying(self.paths[path_index], read, reset=lambda: self._forget(path_index))
+
+    def _forget(self, path_index: int) -> None:
+        """Drop this process's handles into one store, so the next read opens it afresh."""
+        for slide in [s for s in self._pixels if self._slides[s][0] == path_index]:
+            del self._pixels[slide]
+        f = self._files.pop(path_index, None)
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                pass
+
     def __getitem__(self, index: int) -> np.ndarray:
         slide, local = self._locate(int(index))
         codec = self.codecs[self._slides[slide][0]]
-        return read_patch(self._patches(slide), local, codec)
+        try:
+            return read_patch(self._patches(slide), local, codec)
+        except TRANSIENT:  # rare: a store being written, caught mid-flush; retry on fresh handles
+            return self._read(slide, lambda: read_patch(self._patches(slide), local, codec))
 
     def _patches(self, slide: int) -> h5py.Dataset:
         """The slide's pixel dataset; the handle is kept, so a loader worker resolves each HDF5 path once."""
@@ -108,14 +130,18 @@ class PatchStore:
 
     def coords(self, index: int) -> tuple[str, int, int]:
         slide, local = self._locate(int(index))
-        x, y = self._group(slide)["coords"][local]
+        x, y = self._read(slide, lambda: self._group(slide)["coords"][local])
         return self._slides[slide][1], int(x), int(y)
 
     def label(self, index: int) -> int:
         """Class label of a patch from an ingested labelled folder; -1 when unlabelled."""
         slide, local = self._locate(int(index))
-        group = self._group(slide)
-        return int(group["labels"][local]) if "labels" in group else -1
+
+        def read():
+            group = self._group(slide)
+            return int(group["labels"][local]) if "labels" in group else -1
+
+        return self._read(slide, read)
 
     def close(self) -> None:
         self._pixels = {}
@@ -149,36 +175,52 @@ class PatchSubset:
         return self.store[self.indices[i]]
 
 
+def _listed(f: h5py.File) -> list[str]:
+    """Names of the complete slides (``/_staging`` holds the others and is never read)."""
+    names = list(f[SLIDES].keys())
+    if len(set(names)) != len(names):
+        raise TornRead("a slide is listed twice")
+    return names
+
+
+def _complete_slides(f: h5py.File) -> tuple[dict, list[tuple[str, int]]]:
+    """Root attributes and (name, patch count) of every complete slide, each checked whole."""
+    return dict(f.attrs), [(name, check_slide(f, name)[1]) for name in _listed(f)]
+
+
 def store_summary(paths: Iterable[str]) -> dict:
-    """What ``simclr-path info`` prints: totals and one entry per slide."""
+    """What ``simclr-path info`` prints: totals and one entry per slide.
+
+    A store being written shows the slides complete so far.
+    """
     out = {"stores": [], "total_patches": 0}
     for path in paths:
-        with open_h5(str(path), "r") as f:
-            check_is_store(f, str(path))
-            slides = []
-            for name, g in f[SLIDES].items():
-                a = g.attrs
-                slides.append(
-                    {
-                        "name": name,
-                        "patches": int(g["coords"].shape[0]),
-                        "mpp": jsonable(a.get("level0_mpp")),
-                        "mpp_source": str(a.get("mpp_source")),
-                        "patch_level": int(a.get("patch_level", 0)),
-                        "source_path": str(a.get("source_path")),
-                    }
-                )
-            total = sum(s["patches"] for s in slides)
-            out["stores"].append(
-                {
-                    "path": str(path),
-                    "patches": total,
-                    "patch_size": int(f.attrs["patch_size"]),
-                    "target_mpp": jsonable(f.attrs.get("target_mpp")),
-                    "magnification": jsonable(f.attrs.get("magnification")),
-                    "codec": str(f.attrs["codec"]),
-                    "slides": slides,
-                }
-            )
-            out["total_patches"] += total
+        out["stores"].append(read_store(str(path), lambda f, path=path: _summary(f, str(path))))
+        out["total_patches"] += out["stores"][-1]["patches"]
     return out
+
+
+def _summary(f: h5py.File, path: str) -> dict:
+    slides = []
+    for name in _listed(f):
+        g, n = check_slide(f, name)
+        a = g.attrs
+        slides.append(
+            {
+                "name": name,
+                "patches": n,
+                "mpp": jsonable(a.get("level0_mpp")),
+                "mpp_source": str(a.get("mpp_source")),
+                "patch_level": int(a.get("patch_level", 0)),
+                "source_path": str(a.get("source_path")),
+            }
+        )
+    return {
+        "path": path,
+        "patches": sum(s["patches"] for s in slides),
+        "patch_size": int(f.attrs["patch_size"]),
+        "target_mpp": jsonable(f.attrs.get("target_mpp")),
+        "magnification": jsonable(f.attrs.get("magnification")),
+        "codec": str(f.attrs["codec"]),
+        "slides": slides,
+    }

@@ -3,7 +3,8 @@
 A slide is written under ``/_staging`` and moved to ``/slides`` in one small metadata operation
 followed by a flush, so a reader sees a slide complete or not at all. The HDF5 file is created
 atomically (temporary file, then rename), so an interrupted first run never leaves a file that is
-not a store.
+not a store. The writer holds HDF5's file lock while it has the store open, so a second writer
+is refused in one line; readers can still read (see :mod:`simclr_path.store.format`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class StoreWriter:
         if not parent.is_dir():
             raise SimclrPathError(f"{self.path}: folder {parent} does not exist; create it first")
         if os.path.exists(self.path):
-            with open_h5(self.path, "r") as f:  # look before writing: never touch a foreign file
+            # Look before writing (never touch a foreign file), with the lock: a store that another
+            # writer holds is refused here, in one line.
+            with open_h5(self.path, "r", lock=True) as f:
                 check_is_store(f, self.path)
                 self._check_spec(f, spec_attrs)
         else:
             self._create(spec_attrs)
-        self.file = open_h5(self.path, "a")
+        self.file = open_h5(self.path, "r+")
         if STAGING in self.file:  # left by an interrupted run
             del self.file[STAGING]
         self.file.require_group(STAGING)

@@ -1,6 +1,7 @@
-"""Per-slide work done in tiling workers: planning a slide, and cutting runs of patches from it.
+"""Per-slide work done in tiling workers: fingerprinting and planning a slide, and cutting runs of
+patches from it.
 
-Both functions are top-level and take plain data so a process pool can run them. A worker keeps
+All three are top-level and take plain data so a process pool can run them. A worker keeps
 its open slides in a small cache; OpenSlide handles never cross processes.
 """
 
@@ -18,7 +19,7 @@ from simclr_path.errors import SlideError
 from simclr_path.store.codecs import encode_patches
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.preview import legend_text, write_preview
-from simclr_path.wsi.slide import SlideMeta, open_slide, read_meta, read_rgb
+from simclr_path.wsi.slide import SlideMeta, fingerprint, open_slide, read_meta, read_rgb
 from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 
 #: Longest row run read as one strip, and most patches in one worker task.
@@ -72,6 +73,21 @@ def _set_cache(slide) -> None:
         slide.set_cache(_cache)
     except (AttributeError, openslide.OpenSlideError):  # older OpenSlide: keep its default cache
         pass
+
+
+def fingerprint_slide(path: str) -> str:
+    """The slide's content fingerprint (:func:`~simclr_path.wsi.slide.fingerprint`), computed in a
+    worker: on network storage its three reads are latency, so workers overlap them with tiling."""
+    try:
+        return fingerprint(path)
+    except FileNotFoundError:
+        raise SlideError(f"{path}: no such file; check the path") from None
+    except PermissionError:
+        raise SlideError(f"{path}: permission denied; check the file's permissions") from None
+    except IsADirectoryError:
+        raise SlideError(f"{path}: is a folder, not a slide file") from None
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot be read ({exc.strerror or _first_line(exc)}); check the file") from None
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """``simclr-path tile``: slides in, one resumable HDF5 patch store out.
 
-Worker processes plan slides and cut tasks of patches; this process is the only writer. Each slide
-is staged and committed whole (see :mod:`simclr_path.store`), so an interrupted run keeps every
-finished slide and the same command resumes where it stopped, skipping slides by fingerprint.
+Worker processes fingerprint slides, plan them and cut tasks of patches; this process is the only
+writer. Each slide is staged and committed whole (see :mod:`simclr_path.store`), so an interrupted
+run keeps every finished slide and the same command resumes where it stopped, skipping slides by
+fingerprint. Fingerprinting runs a few slides ahead of tiling rather than all before it: on
+thousands of slides on network storage that was a long, silent stall.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import errno
 import multiprocessing
 import os
 import time
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -23,8 +25,9 @@ from simclr_path.store import StoreWriter
 from simclr_path.store.codecs import create_pixel_dataset, write_patches
 from simclr_path.wsi.discover import slide_names
 from simclr_path.wsi.grid import TileSpec
-from simclr_path.wsi.slide import fingerprint
-from simclr_path.wsi.tile_reader import SlidePlan, plan_tasks, prepare_slide, read_task, worker_init
+from simclr_path.wsi.tile_reader import (
+    SlidePlan, fingerprint_slide, plan_tasks, prepare_slide, read_task, worker_init,
+)
 
 
 @dataclass
@@ -113,26 +116,13 @@ def tile_slides(
             raise SimclrPathError(f"{preview_dir}: cannot create the preview folder ({exc.strerror})") from None
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
+    slides = list(dict.fromkeys(slides))  # a path given twice is one slide
     result = TileResult(store=out, slides_total=len(slides))
     writer = StoreWriter(out, spec.as_attrs())
     try:
-        fingerprints = {p: fingerprint(p) for p in slides}
-        names = slide_names(slides, fingerprints)
-        done = writer.completed()
-        taken = writer.names()
-        todo = []
-        for path in slides:
-            if fingerprints[path] in done:
-                result.slides_skipped += 1
-                continue
-            name = names[path]
-            if name in taken:  # same stem, different content: keep both
-                name = f"{name}-{fingerprints[path][:8]}"
-            todo.append((path, name))
-        reporter.start(slides=len(slides), done=result.slides_skipped)
-        if result.slides_skipped:
-            reporter.log(f"{out}: {result.slides_skipped} slide(s) already complete, skipped")
-        _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result)
+        queue = _SlideQueue(slides, writer.completed(), writer.names())
+        reporter.start(slides=len(slides), fingerprints=len(slides))
+        _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result)
     finally:
         reporter.stop()
         writer.close()
@@ -140,7 +130,63 @@ def tile_slides(
     return result
 
 
-def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result):
+class _SlideQueue:
+    """From fingerprints to slides to tile: skip the complete ones, name the others.
+
+    A slide whose fingerprint is in the store is skipped, whatever its file is called now. The
+    others are named as :func:`slide_names` names the whole list: the stem, or
+    ``stem-<fingerprint8>`` when another slide of the run has the same stem; a name the store
+    already holds for other content gets the suffix too. Clashes are found from the stems alone,
+    so only a slide whose stem clashes waits - for the fingerprints of its own stem - and names
+    never depend on the order fingerprints arrive in.
+    """
+
+    def __init__(self, slides: list[str], done: dict[str, str], taken: set[str]):
+        self.done, self.taken = done, taken
+        by_stem: dict[str, list[str]] = defaultdict(list)
+        for path in slides:
+            by_stem[slide_names([path], {})[path]].append(path)  # one path: its stem
+        self.clash = {path: group for group in by_stem.values() for path in group}
+        self.fingerprints: dict[str, str | None] = {}
+        self.named: dict[str, str] = {}  # name -> path, this run
+        self.total = len(slides)
+        self.already_complete = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every slide is fingerprinted (or failed to be)."""
+        return len(self.fingerprints) == self.total
+
+    def add(self, path: str, fp: str | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Record ``path``'s fingerprint (None: it could not be read).
+
+        Returns the slides decided by it: ``(path, name)`` to tile, and ``(path, why)`` skipped.
+        """
+        self.fingerprints[path] = fp
+        tile, skip = [], []
+        if fp is not None and fp in self.done:
+            self.already_complete += 1
+            skip.append((path, f"already complete as {self.done[fp]}"))
+        group = self.clash[path]
+        if any(q not in self.fingerprints for q in group):
+            return tile, skip
+        names = slide_names(group, {q: self.fingerprints[q] or "" for q in group})
+        for q in group:
+            fq = self.fingerprints[q]
+            if fq is None or fq in self.done:
+                continue
+            name = names[q]
+            if name in self.taken:  # same stem, different content: keep both
+                name = f"{name}-{fq[:8]}"
+            if name in self.named:  # identical files under one stem: tile the content once
+                skip.append((q, f"identical to {self.named[name]}"))
+                continue
+            self.named[name] = q
+            tile.append((q, name))
+        return tile, skip
+
+
+def _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result):
     if workers == 0:
         executor = _InlineExecutor()
     else:
@@ -148,15 +194,23 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
                                        initializer=worker_init, initargs=(os.getpid(),))
     window = max(2, 2 * max(workers, 1))  # tasks in flight: bounds memory of pending results
     max_active = max(1, workers) + 1  # slides staged at once
-    pending = deque(todo)
+    # Fingerprints run ahead of tiling: always enough for the next slides to start, and further
+    # while workers would otherwise idle (a resume skipping many slides moves at pool speed).
+    ahead, far_ahead = max_active, 8 * window
+    unprinted = deque(slides)  # not fingerprinted yet
+    ready: deque = deque()  # (path, name): fingerprinted, named, to tile
     tasks: deque = deque()  # (active slide, indices into its kept patches)
     inflight: dict[Future, tuple] = {}
     active: dict[str, _Active] = {}
     first_task = None
     try:
-        while pending or tasks or inflight:
+        while unprinted or ready or tasks or inflight:
             while len(inflight) < window:
-                if tasks:
+                printing = _count(inflight, "fingerprint")
+                if unprinted and len(ready) + printing < ahead:
+                    path = unprinted.popleft()
+                    inflight[executor.submit(fingerprint_slide, path)] = ("fingerprint", path)
+                elif tasks:
                     if first_task is None:
                         first_task = time.perf_counter()
                     slide, indices = tasks.popleft()
@@ -164,16 +218,23 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
                         continue
                     fut = executor.submit(read_task, slide.path, slide.plan.plan, slide.plan.coords[indices], spec)
                     inflight[fut] = ("read", slide, indices)
-                elif pending and len(active) + _preparing(inflight) < max_active:
-                    path, name = pending.popleft()
+                elif ready and len(active) + _count(inflight, "prepare") < max_active:
+                    path, name = ready.popleft()
                     fut = executor.submit(prepare_slide, path, spec, fallback_mpp, mpp_table, preview_dir, name)
                     inflight[fut] = ("prepare", path, name)
+                elif unprinted and len(ready) + printing < far_ahead:
+                    path = unprinted.popleft()
+                    inflight[executor.submit(fingerprint_slide, path)] = ("fingerprint", path)
                 else:
                     break
+            if not inflight:  # cannot happen: every state above has work in flight or to submit
+                raise RuntimeError("tiling scheduler stalled")
             finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
             for fut in finished:
                 task = inflight.pop(fut)
-                if task[0] == "prepare":
+                if task[0] == "fingerprint":
+                    _on_fingerprinted(fut, task[1], queue, ready, writer, reporter, result)
+                elif task[0] == "prepare":
                     _on_prepared(fut, task[1], task[2], writer, spec, active, tasks, reporter, result)
                 else:
                     _on_read(fut, task[1], task[2], writer, spec, active, reporter, result)
@@ -183,8 +244,30 @@ def _run(todo, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, repo
             result.extract_seconds = time.perf_counter() - first_task
 
 
-def _preparing(inflight) -> int:
-    return sum(1 for task in inflight.values() if task[0] == "prepare")
+def _count(inflight, kind: str) -> int:
+    return sum(1 for task in inflight.values() if task[0] == kind)
+
+
+def _on_fingerprinted(fut, path, queue: _SlideQueue, ready, writer, reporter, result):
+    message = None
+    try:
+        fp = fut.result()
+    except SlideError as exc:
+        fp, message = None, str(exc)
+    except Exception as exc:  # a crashed worker or a bug: report it against the slide
+        fp, message = None, f"{path}: unexpected error ({type(exc).__name__}: {exc})"
+    reporter.fingerprinted()
+    if fp is None:
+        _fail(result, reporter, path, message)
+    tile, skip = queue.add(path, fp)
+    ready.extend(tile)
+    for skipped, why in skip:
+        result.slides_skipped += 1
+        reporter.advance_slide()
+        if why.startswith("identical"):
+            reporter.log(f"{skipped}: {why}, skipped")
+    if queue.complete and queue.already_complete:  # true once: after the last fingerprint
+        reporter.log(f"{writer.path}: {queue.already_complete} slide(s) already complete, skipped")
 
 
 def _fail(result, reporter, path: str, message: str) -> None:
