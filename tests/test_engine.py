@@ -67,21 +67,29 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(real_store, tmp_path
     assert losses(split) == losses(whole)  # bit for bit, through a mid-epoch stop with 2 workers
 
 
+def nan_loss_at(monkeypatch, call: int):
+    """Make the ``call``-th NT-Xent evaluation return NaN; returns the real ``forward``."""
+    from simclr_path.engine import pretrain as train
+
+    real_loss = train.NTXentLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, z0, z1):
+        calls["n"] += 1
+        loss = real_loss(self, z0, z1)
+        return loss * float("nan") if calls["n"] == call else loss
+
+    monkeypatch.setattr(train.NTXentLoss, "forward", forward)
+    return real_loss
+
+
 def test_resume_after_a_crash_uses_the_last_checkpoint(real_store, tmp_path, monkeypatch):
     from simclr_path.engine import pretrain as train
 
     run = str(tmp_path / "run")
     reference = str(tmp_path / "reference")
     pretrain([str(real_store)], reference, tiny_config(max_steps=6, checkpoint_every=2), progress=False)
-    real_loss = train.NTXentLoss.forward
-    calls = {"n": 0}
-
-    def crashing(self, z0, z1):
-        calls["n"] += 1
-        loss = real_loss(self, z0, z1)
-        return loss * float("nan") if calls["n"] == 6 else loss
-
-    monkeypatch.setattr(train.NTXentLoss, "forward", crashing)
+    real_loss = nan_loss_at(monkeypatch, 6)
     with pytest.raises(SimclrPathError, match="step 6"):
         pretrain([str(real_store)], run, tiny_config(max_steps=6, checkpoint_every=2), progress=False)
     assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 4  # last good one kept
@@ -234,17 +242,7 @@ def test_gradient_cache_replays_dropout_and_updates_batch_norm_once_per_chunk():
 def test_a_nan_between_sync_steps_is_caught_before_anything_is_saved(real_store, tmp_path, monkeypatch):
     """Losses are read every log_every steps and at every checkpoint step: a NaN at step 5 is found
     at step 6, the step-6 checkpoint is never written, and the error names step 5."""
-    from simclr_path.engine import pretrain as train
-
-    real_loss = train.NTXentLoss.forward
-    calls = {"n": 0}
-
-    def nan_at_5(self, z0, z1):
-        calls["n"] += 1
-        loss = real_loss(self, z0, z1)
-        return loss * float("nan") if calls["n"] == 5 else loss
-
-    monkeypatch.setattr(train.NTXentLoss, "forward", nan_at_5)
+    nan_loss_at(monkeypatch, 5)
     cfg = tiny_config(max_steps=8, checkpoint_every=3)
     cfg.run.log_every = 100
     run = str(tmp_path / "run")
