@@ -11,6 +11,7 @@ from simclr_path.cli.tile_commands import _echo_json
 Example:
   simclr-path embed encoder.pt patches.h5 --out features/
   -> features/h5_files/<slide>.h5, features/pt_files/<slide>.pt, features/features.h5
+  Rerun the same command to resume: slides already embedded with this encoder are skipped.
 """)
 @click.argument("encoder", type=click.Path(dir_okay=False))
 @click.argument("stores", nargs=-1, required=True)
@@ -18,11 +19,19 @@ Example:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-def embed(encoder, stores, out, device, batch, workers):
-    """Encoder features for every patch, per slide in CLAM's/TRIDENT's layout plus one combined h5."""
-    from simclr_path.downstream.embed import embed_stores
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def embed(encoder, stores, out, device, batch, workers, quiet):
+    """Encoder features for every patch, per slide in CLAM's/TRIDENT's layout plus one combined h5.
 
-    _echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers))
+    Streams batch by batch (memory does not grow with the number of patches) and resumes per
+    slide: a slide is skipped when its files hold this encoder's features of the same patches, and
+    recomputed when the encoder or the slide's patches in the store changed.
+    """
+    from simclr_path.downstream.embed import embed_stores
+    from simclr_path.runtime.console import Reporter
+
+    _echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers,
+                            reporter=Reporter(enabled=not quiet)))
 
 
 @click.command(epilog="""\b

@@ -205,18 +205,22 @@ def test_group_regex_reads_the_group_from_file_names(tmp_path):
     assert sorted(stored.groups.tolist()) == sorted(data.groups.tolist())
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A random-init resnet10t in the export format (32 px input): enough to run ``eval`` quickly."""
+def random_encoder(folder, seed: int):
+    """A random-init resnet10t in the export format (32 px input): enough to run ``eval``/``embed`` quickly."""
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     meta = {"format": ENCODER_FORMAT, "version": 1, "timm_model": "resnet10t", "num_features": model.num_features,
             "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
-    path = tmp_path_factory.mktemp("tiny") / "encoder.pt"
+    path = folder / "encoder.pt"
     torch.save({"state_dict": model.state_dict(), "simclr_path": meta}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    return random_encoder(tmp_path_factory.mktemp("tiny"), 0)
 
 
 def test_eval_splits_by_patient_and_says_so(tiny_encoder, tmp_path):
@@ -279,3 +283,180 @@ def test_group_problems_are_one_line_errors(tiny_encoder, tmp_path, case):
         split += [[r[0], "b", "P1", "train"] for r in rows[1:3]] + [[r[0], "a", "P2", "test"] for r in rows[-2:]]
         args, needles = ["--labeled", _csv(tmp_path / "l.csv", split)], ("l.csv", "1 group", "linear probe")
     assert_error(run_cli("eval", tiny_encoder, *args, "--device", "cpu", "--workers", 0), *needles)
+
+
+# --- embed: streaming, resumable per slide ------------------------------------------------------
+
+def _random_tiles(root, counts, seed=0):
+    """Class folders of random 16 px PNGs: after ingest, one 'slide' per folder."""
+    rng = np.random.default_rng(seed)
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cv2.imwrite(str(root / c / f"{c}{i:03d}.png"), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiles_store(tmp_path_factory):
+    """Three slides of 7, 12 and 5 patches: with --batch 5 slides end mid-batch."""
+    root = _random_tiles(tmp_path_factory.mktemp("tiles") / "tiles", {"a": 7, "b": 12, "c": 5})
+    one_json(run_cli("ingest", root, "--out", root.parent / "tiles.h5"))
+    return root.parent / "tiles.h5"
+
+
+@pytest.fixture(scope="module")
+def other_encoder(tmp_path_factory):
+    return random_encoder(tmp_path_factory.mktemp("other"), 1)
+
+
+def _embed(encoder, stores, out, workers=0):
+    r = run_cli("embed", encoder, *stores, "--out", out, "--device", "cpu", "--workers", workers, "--batch", 5)
+    return one_json(r), r
+
+
+def _no_temporaries(out):
+    return not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _assert_same_outputs(a, b):
+    names = sorted(p.name for p in (a / "h5_files").iterdir())
+    assert names == sorted(p.name for p in (b / "h5_files").iterdir())
+    assert sorted(p.name for p in (a / "pt_files").iterdir()) == [n[:-3] + ".pt" for n in names]
+    for name in [*(f"h5_files/{n}" for n in names), "features.h5"]:
+        with h5py.File(a / name) as fa, h5py.File(b / name) as fb:
+            assert set(fa) == set(fb) and dict(fa.attrs) == dict(fb.attrs)
+            for key in fa:
+                np.testing.assert_array_equal(fa[key][()], fb[key][()])
+                assert dict(fa[key].attrs) == dict(fb[key].attrs)
+    for name in names:
+        pt = f"pt_files/{name[:-3]}.pt"
+        assert torch.equal(torch.load(a / pt, weights_only=True), torch.load(b / pt, weights_only=True))
+
+
+def test_embed_streams_the_same_features_as_the_in_memory_computation(tiny_encoder, tiles_store, tmp_path):
+    from simclr_path.engine.features import extract_features
+    from simclr_path.store import PatchSubset
+
+    out = tmp_path / "features"
+    summary, _ = _embed(tiny_encoder, [tiles_store], out, workers=1)
+    assert {k: summary[k] for k in ("slides", "slides_embedded", "slides_skipped", "patches", "patches_embedded",
+                                    "feature_dim")} == {"slides": 3, "slides_embedded": 3, "slides_skipped": 0,
+                                                        "patches": 24, "patches_embedded": 24, "feature_dim": 512}
+    model, meta = load_encoder(str(tiny_encoder))
+    store = PatchStore(tiles_store)
+    expected = []
+    for name, start, end in store.slide_ranges():  # what embed computed before: one loader per slide, in memory
+        features = extract_features(model, PatchSubset(store, range(start, end)), meta["input_size"][-1],
+                                    meta["mean"], meta["std"], torch.device("cpu"), 5, 0).numpy()
+        expected.append(features)
+        with h5py.File(out / "h5_files" / f"{name}.h5") as f:
+            np.testing.assert_array_equal(f["features"][()], features)
+            assert f["features"].dtype == np.float32 and f["coords"].shape == (end - start, 2)
+            assert f.attrs["num_patches"] == end - start and f.attrs["slide"] == name
+        np.testing.assert_array_equal(torch.load(out / "pt_files" / f"{name}.pt", weights_only=True).numpy(), features)
+    with h5py.File(out / "features.h5") as f:
+        assert f["features"].maxshape == (None, 512) and f["features"].chunks is not None
+        np.testing.assert_array_equal(f["features"][()], np.concatenate(expected))
+        assert f["slide_index"][()].tolist() == [0] * 7 + [1] * 12 + [2] * 5
+        assert f["coords"].shape == (24, 2)
+        assert [s.decode() for s in f["slide_names"]] == ["a", "b", "c"]
+    assert _no_temporaries(out)
+
+
+def test_embed_rerun_skips_finished_slides_and_reads_no_pixels(tiny_encoder, tiles_store, tmp_path, monkeypatch):
+    out = tmp_path / "features"
+    _embed(tiny_encoder, [tiles_store], out)
+    (out / "pt_files" / "b.pt").unlink()  # as if stopped between a slide's h5 and its .pt
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+    def no_pixels(self, index):
+        raise AssertionError("a rerun read pixels")
+
+    monkeypatch.setattr(PatchStore, "__getitem__", no_pixels)
+    summary, r = _embed(tiny_encoder, [tiles_store], out)
+    assert (summary["slides_embedded"], summary["slides_skipped"], summary["patches_embedded"]) == (0, 3, 0)
+    assert summary["feature_dim"] == 512 and "3 slide(s) already embedded" in r.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept  # untouched, features.h5 too
+    with h5py.File(out / "h5_files" / "b.h5") as f:
+        np.testing.assert_array_equal(torch.load(out / "pt_files" / "b.pt", weights_only=True).numpy(),
+                                      f["features"][()])
+
+
+def test_embed_interrupted_then_rerun_equals_an_uninterrupted_run(tiny_encoder, tiles_store, tmp_path):
+    from simclr_path.downstream.embed import embed_stores
+
+    whole = tmp_path / "whole"
+    _embed(tiny_encoder, [tiles_store], whole)
+
+    class Stop(Exception):
+        pass
+
+    batches = []
+
+    def stop_in_slide_b(n):  # slide a is batches 1-2 (5 + 2 patches); b starts with batch 3
+        batches.append(n)
+        if len(batches) == 3:
+            raise Stop
+
+    out = tmp_path / "features"
+    with pytest.raises(Stop):
+        embed_stores(str(tiny_encoder), [str(tiles_store)], str(out), device="cpu", batch_size=5, workers=0,
+                     progress=stop_in_slide_b)
+    assert [p.name for p in (out / "h5_files").iterdir()] == ["a.h5"]
+    assert [p.name for p in (out / "pt_files").iterdir()] == ["a.pt"]
+    assert not (out / "features.h5").exists() and _no_temporaries(out)
+    (out / "h5_files" / "c.h5.tmp").write_bytes(b"half")  # what a killed run leaves
+    summary, _ = _embed(tiny_encoder, [tiles_store], out)
+    assert (summary["slides_embedded"], summary["slides_skipped"], summary["patches_embedded"]) == (2, 1, 17)
+    _assert_same_outputs(out, whole)
+    assert _no_temporaries(out)
+
+
+def test_embed_recomputes_slides_of_another_encoder_or_changed_patches(tiny_encoder, other_encoder, tmp_path):
+    from simclr_path.downstream.embed import file_sha256
+
+    root = _random_tiles(tmp_path / "tiles", {"a": 3, "b": 4, "c": 2})
+    one_json(run_cli("ingest", root, "--out", tmp_path / "v1.h5"))
+    out = tmp_path / "features"
+    _embed(tiny_encoder, [tmp_path / "v1.h5"], out)
+    with h5py.File(out / "h5_files" / "a.h5") as f:
+        first = f["features"][()]
+    summary, r = _embed(other_encoder, [tmp_path / "v1.h5"], out)
+    assert (summary["slides_embedded"], summary["slides_skipped"]) == (3, 0)
+    assert "3 slide(s) do not match this encoder" in r.stderr
+    with h5py.File(out / "h5_files" / "a.h5") as f:
+        assert f.attrs["encoder_sha256"] == file_sha256(str(other_encoder))
+        assert not np.allclose(f["features"][()], first)
+    with h5py.File(out / "features.h5") as f:
+        assert f.attrs["encoder_sha256"] == file_sha256(str(other_encoder))
+    # the folder re-ingested with one more image of class b: only slide b is embedded again
+    cv2.imwrite(str(root / "b" / "b999.png"), np.zeros((16, 16, 3), np.uint8))
+    one_json(run_cli("ingest", root, "--out", tmp_path / "v2.h5"))
+    summary, _ = _embed(other_encoder, [tmp_path / "v2.h5"], out)
+    assert (summary["slides_embedded"], summary["slides_skipped"], summary["patches"]) == (1, 2, 10)
+    with h5py.File(out / "features.h5") as f:
+        assert f["features"].shape == (10, 512) and f["slide_index"][()].tolist() == [0] * 3 + [1] * 5 + [2] * 2
+
+
+def test_embed_gives_same_named_slides_of_two_stores_their_own_files(tiny_encoder, tiles_store, tmp_path):
+    out = tmp_path / "features"
+    summary, _ = _embed(tiny_encoder, [tiles_store, tiles_store], out)
+    assert summary["slides"] == 6 and summary["patches"] == 48
+    names = ["a", "b", "c", "a-tiles", "b-tiles", "c-tiles"]
+    assert sorted(p.stem for p in (out / "h5_files").iterdir()) == sorted(names)
+    with h5py.File(out / "features.h5") as f:
+        assert [s.decode() for s in f["slide_names"]] == names
+        np.testing.assert_array_equal(f["features"][:24], f["features"][24:])
+
+
+@pytest.mark.parametrize("case", ["batch", "workers", "store"])
+def test_embed_problems_are_one_line_errors(tiny_encoder, tiles_store, tmp_path, case):
+    args, needles = [tiles_store], ()
+    if case == "batch":
+        args, needles = [tiles_store, "--batch", 0], ("--batch",)
+    elif case == "workers":
+        args, needles = [tiles_store, "--workers", -1], ("--workers",)
+    elif case == "store":
+        args, needles = [tmp_path / "missing.h5"], ("missing.h5", "no such store")
+    assert_error(run_cli("embed", tiny_encoder, *args, "--out", tmp_path / "f", "--device", "cpu"), *needles)
