@@ -337,3 +337,13 @@ def test_pretrain_shuffles_the_gradient_cache_views_differently_every_step(real_
     pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
     assert seeds == [train.shuffle_seed(cfg.run.seed, step) for step in range(3)] and len(set(seeds)) == 3
 
+
+
+def test_a_setting_an_older_checkpoint_lacks_counts_as_its_default():
+    """A checkpoint from before views.light_p trained with light_p 0: resuming it at 0.5 is a change."""
+    from simclr_path.engine.config import changed_settings
+
+    current = load_config("small").to_dict()
+    saved = load_config("small").to_dict()
+    del saved["views"]["light_p"]
+    assert ("views.light_p", 0.0, 0.5) in changed_settings(saved, current)

@@ -162,15 +162,21 @@ def test_chunk_is_rounded_to_a_divisor_and_none_when_the_batch_fits():
     assert agree_on_chunk(256, 256, cpu) is None and agree_on_chunk(1000, 256, cpu) is None
 
 
-@pytest.mark.parametrize("visible,local,expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1)])
+@pytest.mark.parametrize("visible,local,expected", [(8, 3, 3), (1, 3, 0), (2, 3, None)])
 def test_each_task_uses_the_gpu_it_can_see(monkeypatch, visible, local, expected):
-    """SLURM with --gpus-per-task=1 (or GPU binding): local rank 3 sees one GPU, cuda:0."""
+    """SLURM with --gpus-per-task=1 (or GPU binding): local rank 3 sees one GPU, cuda:0. Two visible
+    GPUs for local rank 3 would put two ranks on one GPU: a one-line error, not a silent share."""
+    from simclr_path.errors import SimclrPathError
     from simclr_path.runtime import distributed
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("SLURM_LOCALID", str(local))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert distributed.local_cuda_device() == torch.device("cuda", expected)
+    if expected is None:
+        with pytest.raises(SimclrPathError, match="two ranks would share a GPU"):
+            distributed.local_cuda_device()
+    else:
+        assert distributed.local_cuda_device() == torch.device("cuda", expected)
 
 
 def test_rng_restore_takes_this_ranks_state_and_only_its_own_gpu():
@@ -220,3 +226,9 @@ def test_a_small_dev_shm_lowers_prefetch_or_stops_with_the_size_needed(monkeypat
     with pytest.raises(SimclrPathError, match=r"/dev/shm: the data loader needs about .* GiB .*--shm-size"):
         choose_prefetch(512, 224, workers=8)
     assert choose_prefetch(512, 224, workers=0) is None
+    # eight srun tasks on the node share its /dev/shm: SLURM's tasks per node count, not just this process
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 100 * batch_bytes))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2)")
+    with pytest.raises(SimclrPathError, match=r"\(8 process\(es\) x 8 workers"):
+        choose_prefetch(512, 224, workers=8)

@@ -14,7 +14,6 @@ which the loader pins; the training step moves it to the device and permutes it 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from simclr_path.data.datasets import TwoViewDataset
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import log
+from simclr_path.runtime.distributed import processes_on_node
 
 #: Batches each worker prepares ahead, when shared memory allows.
 PREFETCH_FACTOR = 4
@@ -104,7 +104,7 @@ def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path
         free = shutil.disk_usage(shm_path).free
     except OSError:
         return PREFETCH_FACTOR  # no /dev/shm to measure (not Linux): torch picks its own way
-    node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    node = processes_on_node()
     for prefetch in range(PREFETCH_FACTOR, 0, -1):
         need = shared_memory_needed(per_rank_batch, image_size, workers, prefetch, node)
         if need <= 0.8 * free:

@@ -212,9 +212,8 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
 #: other setting shapes the training itself and must match the checkpoint's.
 RESUMABLE_KEYS = frozenset({
     "optim.max_steps", "model.compile", "model.channels_last",
-    "run.device", "run.workers", "run.log_every", "run.checkpoint_every", "run.tensorboard",
-    "run.grad_cache_chunk", "run.eval_labeled", "run.eval_every", "run.eval_max_per_class", "run.mixed_mpp",
-    "run.allow_config_change",
+    "run.workers", "run.log_every", "run.checkpoint_every", "run.tensorboard",
+    "run.eval_labeled", "run.eval_every", "run.eval_max_per_class", "run.allow_config_change",
 })
 
 
@@ -224,12 +223,13 @@ def changed_settings(saved: dict, current: dict) -> list[tuple[str, object, obje
     ``saved`` is a checkpoint's config (old key names are read as the new ones), ``current`` the
     config of this invocation; keys in :data:`RESUMABLE_KEYS` are ignored.
     """
-    saved = upgrade_config_dict(saved, quiet=True)
+    # through the dataclasses: a key an older checkpoint lacks had the default the old run trained with
+    saved = PretrainConfig.from_dict(upgrade_config_dict(saved, quiet=True)).to_dict()
     changes = []
     for section, values in current.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            old = saved.get(section, {}).get(key, value)
+            old = saved[section][key]
             if name not in RESUMABLE_KEYS and _as_lists(old) != _as_lists(value):
                 changes.append((name, _as_lists(old), _as_lists(value)))
     return changes

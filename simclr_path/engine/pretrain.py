@@ -74,6 +74,8 @@ class Run:
     total_steps: int
     last_step: int  # where this invocation stops: max_steps or the end of the schedule
     state: TrainState
+    prefetch: int = 0  # loader batches in flight per worker that /dev/shm allows here (0: none fit)
+    shm_error: Exception | None = None
     mean: torch.Tensor = None  # (1, 3, 1, 1) normalisation constants, made on the device once
     std: torch.Tensor = None
     unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
@@ -246,6 +248,20 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     return summary
 
 
+def agree_on_prefetch(run: Run) -> int | None:
+    """The loader prefetch every rank uses: the smallest that fits on any rank's /dev/shm (measured in
+    :func:`build_run`, before any loader started); when one rank has no room, all stop with its message."""
+    if run.cfg.run.workers == 0:
+        return None
+    agreed = distributed.all_min(run.prefetch, run.device)
+    if agreed == 0:
+        raise run.shm_error or SimclrPathError(
+            "/dev/shm is too small on another process of this run for the data loader; see its message, or lower "
+            "--workers or --batch"
+        )
+    return agreed
+
+
 def stopping(run: Run) -> bool:
     """Stop before the next step: the ranks agreed on it at a sync step, or (one process) SIGTERM came.
 
@@ -259,8 +275,7 @@ def train(run: Run, training_log: TrainingLog, knn=None) -> None:
     cfg, state = run.cfg, run.state
     sampler = RunSampler(len(run.dataset), run.world, distributed.rank(), cfg.run.seed, run.per_rank_batch,
                          cfg.optim.epochs, state.epoch, state.batch_in_epoch)
-    prefetch = choose_prefetch(run.per_rank_batch, cfg.views.image_size, cfg.run.workers)
-    loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda", prefetch)
+    loader = build_loader(run.dataset, sampler, cfg.run.workers, run.device.type == "cuda", agree_on_prefetch(run))
     with run_batches(loader) as batches:
         while state.step < run.last_step and state.epoch < cfg.optim.epochs and not stopping(run):
             train_one_epoch(run, batches, training_log, knn)
@@ -305,6 +320,12 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
         device = distributed.local_cuda_device()
     per_rank_batch = cfg.optim.global_batch // world
 
+    prefetch, shm_error = 0, None
+    try:  # measured before any loader of this run exists (see agree_on_prefetch)
+        prefetch = choose_prefetch(per_rank_batch, cfg.views.image_size, cfg.run.workers) or 0
+    except SimclrPathError as exc:
+        shm_error = exc
+
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     dataset = TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
@@ -331,6 +352,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
                optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.loss.temperature,
                                                                             gather_distributed=True),
                lr=lr, chunk=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step,
+               prefetch=prefetch, shm_error=shm_error,
                mean=torch.tensor(cfg.views.mean, device=device).view(1, 3, 1, 1),
                std=torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1),
                state=TrainState())

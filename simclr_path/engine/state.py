@@ -54,7 +54,7 @@ def seed_this_rank(seed: int, rank: int, step: int = 0) -> None:
     across ranks; rank 0 keeps the stream of a single-process run. The data order is unaffected:
     the sampler and the views have seeds of their own."""
     if rank:
-        torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % 2**63)
+        torch.manual_seed((seed * 2**48 + rank * 2**32 + step) % 2**63)  # distinct for steps < 2**32
 
 
 def rng_state(device: torch.device) -> dict:

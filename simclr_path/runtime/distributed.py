@@ -49,13 +49,32 @@ def local_rank() -> int:
 
 
 def local_cuda_device() -> torch.device:
-    """The GPU of this process: ``cuda:<local rank>`` when it sees one GPU per local rank, else the
+    """The GPU of this process: ``cuda:<local rank>`` when the node's GPUs are all visible, else the
     one it is given. Under SLURM with ``--gpus-per-task=1`` or GPU binding, each task sees a single
     GPU (as ``cuda:0``) and its local rank may be 3: ``cuda:3`` does not exist there."""
-    visible = torch.cuda.device_count()
+    visible, local = torch.cuda.device_count(), local_rank()
     if visible < 1:
         raise SimclrPathError("no CUDA GPU is visible to this process; check CUDA_VISIBLE_DEVICES or use --device cpu")
-    return torch.device("cuda", local_rank() % visible)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local < visible:
+        return torch.device("cuda", local)
+    raise SimclrPathError(
+        f"local rank {local} but only {visible} GPUs are visible to it: two ranks would share a GPU; start one "
+        "process per GPU (--ntasks-per-node = GPUs per node) or bind one GPU per task (--gpus-per-task=1)"
+    )
+
+
+def processes_on_node() -> int:
+    """Training processes on this machine: torchrun's LOCAL_WORLD_SIZE, else SLURM's tasks per node."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = os.environ.get(name)
+        if value:
+            try:
+                return max(1, int(value.split("(")[0].split(",")[0]))  # SLURM writes "8(x2)" or "8,8"
+            except ValueError:
+                continue
+    return 1
 
 
 def all_min(value: int, device: torch.device) -> int:
