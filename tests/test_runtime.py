@@ -232,3 +232,41 @@ def test_a_small_dev_shm_lowers_prefetch_or_stops_with_the_size_needed(monkeypat
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2)")
     with pytest.raises(SimclrPathError, match=r"\(8 process\(es\) x 8 workers"):
         choose_prefetch(512, 224, workers=8)
+
+
+def test_srun_environment_maps_to_ranks_and_the_tasks_gpu(monkeypatch):
+    """A simulated `srun` task: rank, world and local rank come from SLURM's variables, and a task
+    bound to one GPU (--gpus-per-task=1) uses cuda:0 whatever its local rank."""
+    from simclr_path.runtime import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "11")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "8(x2)")
+    monkeypatch.setenv("MASTER_ADDR", "node-0")
+    assert distributed.launched_externally()
+    distributed._slurm_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
+    assert distributed.processes_on_node() == 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.local_cuda_device() == torch.device("cuda", 0)
+
+
+def test_checkpoint_rng_round_trip_restores_this_ranks_stream(tmp_path):
+    from simclr_path.engine.state import TrainState, checkpoint_contents, restore_checkpoint, rng_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    from simclr_path.optim import build_scheduler
+
+    scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=0)
+    torch.manual_seed(5)
+    contents = checkpoint_contents(model, optimizer, scheduler, TrainState(step=3), {"run": {}}, "linear",
+                                   [rng_state(torch.device("cpu"))], {})
+    torch.save(contents, tmp_path / "c.pt")
+    expected = torch.rand(4)  # what the uninterrupted run draws next
+    torch.manual_seed(99)
+    restore_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), model, optimizer, scheduler)
+    assert torch.equal(torch.rand(4), expected)

@@ -7,6 +7,7 @@ states, the data position (epoch, batch within the epoch) and the resolved confi
 
 from __future__ import annotations
 
+import hashlib
 import random
 import signal
 import threading
@@ -54,7 +55,9 @@ def seed_this_rank(seed: int, rank: int, step: int = 0) -> None:
     across ranks; rank 0 keeps the stream of a single-process run. The data order is unaffected:
     the sampler and the views have seeds of their own."""
     if rank:
-        torch.manual_seed((seed * 2**48 + rank * 2**32 + step) % 2**63)  # distinct for steps < 2**32
+        # hashed: torch's CPU generator keeps only 32 bits of a seed, so arithmetic offsets can collide
+        digest = hashlib.blake2b(f"model:{seed}:{rank}:{step}".encode(), digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(digest, "little"))
 
 
 def rng_state(device: torch.device) -> dict:
