@@ -78,6 +78,9 @@ ALLOWED_IMPORTS = {
     "optim": {"runtime"},
     "engine": {"runtime", "store", "data", "models", "losses", "optim"},
     "downstream": {"runtime", "wsi", "store", "data", "models", "losses", "optim", "engine"},
+    "annotations": {"runtime"},
+    "segment": {"runtime", "wsi", "store", "data", "models", "optim", "engine", "downstream", "annotations"},
+    "selection": {"runtime", "wsi", "store", "data", "models", "engine", "downstream", "annotations", "segment"},
 }
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.wsi.slide import SLIDE_EXTENSIONS
+from simclr_path.wsi.slide import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 
 def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]:
     """Expand ``inputs`` into a sorted, de-duplicated list of slide paths.
 
     A file is taken as given (so an unreadable one is reported, not skipped). A folder is searched
-    recursively for files with an OpenSlide extension. ``-`` reads one path per line from
+    recursively for files with an OpenSlide extension or a plain-image one (PNG, JPEG, BMP: tiled
+    as one-level slides). ``-`` reads one path per line from
     ``stdin``. Raises when a path does not exist or nothing is found.
     """
     found: dict[str, None] = {}
@@ -33,11 +34,11 @@ def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]
             hits = sorted(
                 str(p)
                 for p in path.rglob("*")
-                if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+                if p.suffix.lower() in SLIDE_EXTENSIONS + IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
             )
             if not hits:
                 raise SimclrPathError(
-                    f"{item}: no slides found (looked for {', '.join(SLIDE_EXTENSIONS)}); "
+                    f"{item}: no slides found (looked for {', '.join(dict.fromkeys(SLIDE_EXTENSIONS + IMAGE_EXTENSIONS))}); "
                     "check the folder"
                 )
             for hit in hits:

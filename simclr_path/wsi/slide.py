@@ -22,6 +22,10 @@ SLIDE_EXTENSIONS = (
     ".dcm", ".czi",
 )
 
+#: Plain images (one level, no resolution metadata) read through openslide-python's ``ImageSlide``
+#: when OpenSlide itself does not open them: tissue micro-array cores, crops, GlaS-style datasets.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
 #: Magnification that corresponds to 1 micron per pixel (10x ~ 1.0 um/px, 20x ~ 0.5, 40x ~ 0.25).
 MICRONS_AT_1X = 10.0
 
@@ -71,14 +75,31 @@ def open_slide(path: str | os.PathLike):
     except Exception as exc:  # unreadable file
         raise SlideError(f"{path}: cannot be read ({exc}); check permissions") from None
     if fmt is None:
-        raise SlideError(
-            f"{path}: not a slide format OpenSlide reads; convert it to pyramidal TIFF or remove it"
-        )
+        return _open_image(path)
     try:
         return openslide.OpenSlide(path)
     except Exception as exc:
         raise SlideError(
             f"{path}: corrupt or unsupported {fmt} slide ({_one_line(exc)}); re-export or remove it"
+        ) from None
+
+
+def _open_image(path: str):
+    """A plain image as a one-level slide (``openslide.ImageSlide``, decoded by Pillow)."""
+    import openslide
+    from PIL import Image
+
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        raise SlideError(
+            f"{path}: not a slide format OpenSlide reads; convert it to pyramidal TIFF or remove it"
+        )
+    try:
+        with Image.open(path) as image:
+            image.verify()  # a truncated or corrupt image fails here, not halfway through tiling
+        return openslide.ImageSlide(path)
+    except Exception as exc:
+        raise SlideError(
+            f"{path}: neither a slide OpenSlide reads nor a readable image ({_one_line(exc)}); re-export or remove it"
         ) from None
 
 

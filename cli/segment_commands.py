@@ -1,0 +1,67 @@
+"""``segment``: a segmentation network from the exported encoder, a few labels and the unlabelled rest."""
+
+from __future__ import annotations
+
+import click
+
+from simclr_path.cli.tile_commands import _echo_json
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  simclr-path tile glas/images --out glas.h5 --slide-mpp 0.62 --mpp 1.24 --patch-size 128 --min-tissue 0
+  simclr-path segment encoder.pt glas.h5 --labels masks/ --out runs/seg --ssl fixmatch
+  simclr-path segment encoder.pt slides.h5 --labels qupath/ --classes background,gland --out runs/seg
+  simclr-path segment encoder.pt slides.h5 --labels qupath/ --out runs/seg   # again: resumes
+  simclr-path segment timm:resnet18 glas.h5 --labels masks/ --out runs/baseline   # random-init baseline
+"""
+)
+@click.argument("encoder")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--labels", "labels_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of <slide>.png masks (class index, 255 = unlabelled) or QuPath <slide>.geojson.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder (created; resumed if it holds a checkpoint).")
+@click.option("--classes", default=None, help="Class names, comma-separated, index = class value [masks: from the values].")
+@click.option("--ssl", type=click.Choice(["none", "fixmatch"]), default="none", show_default=True,
+              help="fixmatch: also learn from unlabelled patches (confident EMA-teacher pseudo-labels).")
+@click.option("--threshold", type=float, default=0.95, show_default=True, help="FixMatch pseudo-label confidence.")
+@click.option("--unlabeled-ratio", type=float, default=1.0, show_default=True, help="Unlabelled per labelled patch in a step.")
+@click.option("--ema", type=float, default=0.99, show_default=True, help="Decay of the teacher's moving average.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Labelled patches per step.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Passes over the labelled patches.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the decoder.")
+@click.option("--encoder-lr-scale", type=float, default=None,
+              help="Encoder lr = lr x this [default: 0.1 for our encoder, 1 for timm:<name>].")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--image-size", type=int, default=None,
+              help="Network input side, a multiple of 32 [default: matched to the encoder's pretraining um/px].")
+@click.option("--mask-downsample", type=float, default=None, help="Level-0 px per mask px [default: from the mask size].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled_ratio, ema, batch, epochs,
+            max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers, seed,
+            checkpoint_every, log_every, quiet):
+    """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
+    on the labelled areas of STORES, and with --ssl fixmatch on the unlabelled rest too.
+
+    Writes config.yaml, metrics.jsonl, curves.png and checkpoint.pt into --out; prints one JSON line.
+    """
+    from simclr_path.segment.config import SegmentConfig
+    from simclr_path.segment.train import train_segmentation
+
+    cfg = SegmentConfig(
+        encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
+        epochs=epochs, max_steps=max_steps, lr=lr, encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
+        ssl=ssl, threshold=threshold, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
+        seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
+    )
+    _echo_json(train_segmentation(list(stores), labels_dir, out, cfg, progress=not quiet))
+
+
+COMMANDS = [segment]

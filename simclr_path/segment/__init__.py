@@ -1,0 +1,1 @@
+"""Segmentation from the exported encoder: labels, a Unet, supervised and FixMatch training, inference."""

@@ -1,0 +1,109 @@
+"""The settings of a ``segment`` run, recorded in its ``config.yaml`` and checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+import yaml
+
+from simclr_path.errors import SimclrPathError
+
+#: Random initialisation instead of an exported encoder: ``timm:<model name>`` (a baseline).
+RANDOM_INIT_PREFIX = "timm:"
+#: Settings that define the run; a resume with any of them changed is refused.
+FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
+                   "epochs", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps", "mask_downsample")
+
+
+@dataclass
+class SegmentConfig:
+    """Arguments of :func:`simclr_path.segment.train.train_segmentation`.
+
+    Args:
+        encoder: exported encoder file, or ``timm:<name>`` for a randomly initialised encoder.
+        classes: class names (index = class value); None: from the masks.
+        image_size: network input side (multiple of 32); None: matched to the encoder's
+            pretraining resolution (:func:`simclr_path.segment.model.matched_image_size`).
+        batch: labelled patches per step (default 8).
+        epochs: passes over the labelled patches (default 30): the length of the lr schedule.
+        max_steps: stop after this many steps (the schedule still spans ``epochs``).
+        lr: AdamW learning rate of the decoder (default 1e-3); the encoder's is ``lr *
+            encoder_lr_scale`` (default 0.1: pretrained weights are adapted gently; 1.0 for random init).
+        weight_decay: AdamW weight decay (default 1e-4).
+        warmup_steps: linear warm-up before cosine decay (default: 5% of the steps, at most 100).
+        ssl: ``none`` (supervised on labelled pixels only) or ``fixmatch``.
+        threshold: FixMatch confidence above which a teacher's pixel becomes a pseudo-label (0.95).
+        unlabeled_ratio: unlabelled patches per labelled patch in a step (default 1).
+        ema: decay of the teacher's exponential moving average of the student (default 0.99).
+        mask_downsample: level-0 px per mask px of the label masks (None: inferred from mask size).
+        seed, device, workers, log_every, checkpoint_every: as in ``pretrain``.
+    """
+
+    encoder: str = ""
+    classes: list[str] | None = None
+    image_size: int | None = None
+    batch: int = 8
+    epochs: int = 30
+    max_steps: int | None = None
+    lr: float = 1e-3
+    encoder_lr_scale: float | None = None
+    weight_decay: float = 1e-4
+    warmup_steps: int | None = None
+    ssl: str = "none"
+    threshold: float = 0.95
+    unlabeled_ratio: float = 1.0
+    ema: float = 0.99
+    mask_downsample: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        checks = [
+            (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.encoder_lr_scale is None or self.encoder_lr_scale >= 0,
+             f"--encoder-lr-scale must be >= 0, got {self.encoder_lr_scale}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.ssl in ("none", "fixmatch"), f"--ssl must be none or fixmatch, got {self.ssl!r}"),
+            (0 < self.threshold < 1, f"--threshold is a probability in (0, 1), got {self.threshold}"),
+            (self.unlabeled_ratio >= 0, f"--unlabeled-ratio must be >= 0, got {self.unlabeled_ratio}"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.log_every >= 1 and self.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
+            (self.mask_downsample is None or self.mask_downsample > 0,
+             f"--mask-downsample must be > 0, got {self.mask_downsample}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SimclrPathError(message)
+        if self.ssl == "fixmatch" and self.unlabeled_ratio <= 0:
+            raise SimclrPathError("--ssl fixmatch needs unlabelled patches in each step; set --unlabeled-ratio > 0")
+
+    @property
+    def random_init(self) -> bool:
+        return self.encoder.startswith(RANDOM_INIT_PREFIX)
+
+    @property
+    def unlabelled_batch(self) -> int:
+        return int(round(self.batch * self.unlabeled_ratio)) if self.ssl == "fixmatch" else 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SegmentConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_segment_config(cfg: SegmentConfig, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.as_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)

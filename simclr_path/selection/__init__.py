@@ -1,0 +1,1 @@
+"""Active learning: which regions of the stored slides a pathologist should annotate next."""

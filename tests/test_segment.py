@@ -1,0 +1,241 @@
+"""``segment``: plain images as slides, labels on patches, views, FixMatch, run conventions."""
+
+import os
+import signal
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import assert_error, one_json, run_cli
+from segment_helpers import export_random_encoder, gland_image, tile_images, write_gland_images
+from simclr_path.errors import SimclrPathError, StoppedBySignal
+from simclr_path.segment.config import SegmentConfig
+from simclr_path.segment.data import LABELLED, UNLABELLED, SegmentationSamples, StepBatches
+from simclr_path.segment.labels import IGNORE, load_labels
+from simclr_path.store import PatchStore
+
+
+@pytest.fixture(scope="module")
+def glands(tmp_path_factory):
+    """Six 192x160 PNG images at 0.5 um/px tiled at 1.0 um/px into 32 px patches (raw codec)."""
+    root = tmp_path_factory.mktemp("glands")
+    images, masks = write_gland_images(root, 6)
+    store = tile_images(sorted(images.iterdir()), root / "glands.h5", slide_mpp=0.5, mpp=1.0, patch_size=32)
+    return root, images, masks, store
+
+
+def labels_folder(tmp_path, masks, names, keep=None):
+    """Copy the masks of ``names``; ``keep(mask) -> bool array``: pixels left labelled (others 255)."""
+    out = tmp_path / "labels"
+    out.mkdir(exist_ok=True)
+    for name in names:
+        mask = cv2.imread(str(masks / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        if keep is not None:
+            mask = np.where(keep(mask), mask, IGNORE).astype(np.uint8)
+        cv2.imwrite(str(out / f"{name}.png"), mask)
+    return out
+
+
+def test_plain_images_are_one_level_slides_with_their_resolution_given(glands, tmp_path):
+    root, images, _, store = glands
+    summary = PatchStore(str(store))
+    assert len(summary) == 6 * (192 // 2 // 32) * (160 // 2 // 32)  # every 32 px cell of the half-size image
+    patch = summary[0]
+    expected = cv2.resize(gland_image(192, 160, 0)[0][:64, :64], (32, 32), interpolation=cv2.INTER_AREA)
+    assert np.abs(patch.astype(int) - expected.astype(int)).mean() < 2  # pixels of img0's top-left corner
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    result = run_cli("tile", images / "img0.png", tmp_path / "broken.png", "--out", tmp_path / "a.h5",
+                     "--slide-mpp", "0.5", "--min-tissue", "0", "--patch-size", "32", "--workers", "0", "-q")
+    assert result.exit_code == 1 and "broken.png" in result.stderr and "Traceback" not in result.stderr
+    assert len(PatchStore(str(tmp_path / "a.h5"))) > 0  # the good image still finished
+    result = run_cli("tile", images / "img0.png", "--out", tmp_path / "b.h5", "--workers", "0", "-q")
+    assert result.exit_code == 1 and "--slide-mpp" in result.stderr
+
+
+@pytest.mark.parametrize("downsample", [1, 4])
+def test_mask_labels_land_on_their_patches(glands, tmp_path, downsample):
+    _, _, masks, store_path = glands
+    store = PatchStore(str(store_path))
+    full = cv2.imread(str(masks / "img0.png"), cv2.IMREAD_UNCHANGED)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    cv2.imwrite(str(labels / "img0.png"), full[::downsample, ::downsample])
+    label_set = load_labels(str(labels), store)
+    assert label_set.classes == ["background", "class1"]
+    start, end = next((s, e) for name, s, e in store.slide_ranges() if name == "img0")
+    assert sorted(label_set.labelled_indices(store)) == list(range(start, end))
+    for index in range(start, end):
+        _, x, y = store.coords(index)
+        expected = full[y:y + 64:2, x:x + 64:2]  # 64 level-0 px per 32 px patch
+        assert np.array_equal(label_set.patch_mask(store, index), expected)
+    other = next(s for name, s, e in store.slide_ranges() if name == "img1")
+    assert (label_set.patch_mask(store, other) == IGNORE).all()
+
+
+def test_label_problems_are_one_line_errors(glands, tmp_path):
+    _, _, masks, store = glands
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+
+    def segment(labels, *extra):
+        return run_cli("segment", encoder, store, "--labels", labels, "--out", tmp_path / "run", "--workers", "0",
+                       "-q", *extra)
+
+    mask = cv2.imread(str(masks / "img0.png"), cv2.IMREAD_UNCHANGED)
+    cases = {
+        "wrong_size": ("img0.png", mask[:100, :150], [], "slide img0 is 192x160"),
+        "unknown_value": ("img0.png", np.where(mask == 1, 3, mask).astype(np.uint8), ["--classes", "bg,gland"],
+                          "class value(s) 3"),
+        "unknown_slide": ("nope.png", mask, [], "not in the stores"),
+        "nothing_labelled": ("img0.png", np.full_like(mask, IGNORE), [], "no labelled pixel"),
+    }
+    for name, (file, array, extra, needle) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        cv2.imwrite(str(folder / file), array)
+        assert_error(segment(folder, *extra), needle, str(folder))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert_error(segment(tmp_path / "missing"), "no such labels folder")
+    assert_error(run_cli("segment", "timm:not_a_model", store, "--labels", labels_folder(tmp_path, masks, ["img0"]),
+                         "--out", tmp_path / "r2", "-q"), "not_a_model")
+
+
+def test_weak_views_move_image_and_mask_together_and_strong_views_keep_the_geometry(glands):
+    _, _, masks, store_path = glands
+    store = PatchStore(str(store_path))
+    labels = load_labels(str(masks.parent / "masks"), store)  # every image labelled
+    dataset = SegmentationSamples(store, labels, 32)
+    index = next(i for i in range(len(store)) if 0.2 < (labels.patch_mask(store, i) == 1).mean() < 0.8)
+    marker = np.zeros((32, 32, 3), np.uint8)
+    marker[2:5, 2:20] = marker[2:12, 2:5] = 255  # an L: each of the 8 flips/rotations looks different
+    outcomes = set()
+    for seed in range(40):
+        image, mask = (t.numpy() for t in dataset[(LABELLED, index, seed)])
+        gland = image[..., 1] < 105  # green channel separates glands (40) from stroma (170)
+        assert (gland == (mask == 1)).mean() > 0.97
+        dataset._seed(seed)
+        outcomes.add(dataset.weak(image=marker)["image"].tobytes())
+        weak, strong = (t.numpy() for t in dataset[(UNLABELLED, index, seed)])
+        assert np.array_equal(weak, dataset[(UNLABELLED, index, seed)][0].numpy())  # a function of the seed
+        gray_w, gray_s = weak.astype(float).mean(2), strong.astype(float).mean(2)
+        correlation = np.corrcoef(gray_w.ravel(), gray_s.ravel())[0, 1]
+        assert abs(correlation) > 0.8  # same geometry: photometric changes only
+    assert len(outcomes) >= 6  # flips and rotations really vary (8 dihedral outcomes)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    labelled, unlabelled = np.arange(10), np.arange(10, 40)
+    full = list(StepBatches(labelled, unlabelled, 4, 8, 0, 0, 9))
+    assert list(StepBatches(labelled, unlabelled, 4, 8, 0, 5, 9)) == full[5:]
+    first_epoch = [k[1] for step in full[:5] for k in step[:4]][:10]
+    assert sorted(first_epoch) == list(range(10))  # each labelled patch once per pass
+    assert all(k[0] == UNLABELLED and k[1] >= 10 for step in full for k in step[4:])
+    assert list(StepBatches(labelled, unlabelled, 4, 8, 1, 0, 9)) != full
+
+
+def _train(glands, tmp_path, out, **overrides):
+    from simclr_path.segment.train import train_segmentation
+
+    _, _, masks, store = glands
+    labels = labels_folder(tmp_path, masks, ["img0", "img1"], keep=lambda m: np.arange(m.shape[1])[None, :] < 96)
+    cfg = dict(encoder=str(export_random_encoder(tmp_path / "enc.pt", input_mpp=1.0)), batch=4, epochs=3,
+               workers=0, log_every=1, checkpoint_every=100, ssl="fixmatch", threshold=0.6, image_size=32)
+    cfg.update(overrides)
+    return train_segmentation([str(store)], str(labels), str(out), SegmentConfig(**cfg), progress=False)
+
+
+def test_resume_is_exact_for_student_teacher_and_optimizer(glands, tmp_path):
+    straight = _train(glands, tmp_path, tmp_path / "straight", max_steps=4)
+    _train(glands, tmp_path, tmp_path / "resumed", max_steps=2)
+    resumed = _train(glands, tmp_path, tmp_path / "resumed", max_steps=4, workers=2)
+    assert straight["step"] == resumed["step"] == 4
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    for part in ("model", "teacher"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    records = [line for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4  # steps 1..4 once each
+    for name in ("config.yaml", "curves.png", "metrics.jsonl"):
+        assert (tmp_path / "resumed" / name).exists()
+
+
+def test_pseudo_labels_only_where_the_teacher_is_confident(glands, tmp_path):
+    import simclr_path.segment.train as train_module
+
+    seen = []
+    original = train_module.train_step
+
+    def recording(run, batch):
+        losses = original(run, batch)
+        seen.append({k: float(v) for k, v in losses.items()})
+        return losses
+
+    train_module.train_step = recording
+    try:
+        _train(glands, tmp_path, tmp_path / "sure", max_steps=1, threshold=0.5)  # 2 classes: always confident
+        _train(glands, tmp_path, tmp_path / "never", max_steps=1, threshold=0.9999)
+    finally:
+        train_module.train_step = original
+    sure, never = seen
+    assert sure["confident"] == 1.0 and sure["unsup_loss"] > 0.1
+    assert never["confident"] < 0.01 and never["unsup_loss"] < 1e-3
+    assert never["loss"] == pytest.approx(never["sup_loss"] + never["unsup_loss"], abs=1e-5)
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(glands, tmp_path, monkeypatch):
+    import simclr_path.segment.train as train_module
+
+    original = train_module.train_step
+
+    def then_sigterm(run, batch):
+        losses = original(run, batch)
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", then_sigterm)
+    with pytest.raises(StoppedBySignal, match="after step 2"):
+        _train(glands, tmp_path, tmp_path / "run", max_steps=5)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train_module, "train_step", original)
+    assert _train(glands, tmp_path, tmp_path / "run", max_steps=5)["step"] == 5
+    with pytest.raises(SimclrPathError, match="other settings"):
+        _train(glands, tmp_path, tmp_path / "run", max_steps=6, ssl="none")
+
+
+def test_unet_encoder_is_the_export_with_every_key(tmp_path):
+    from simclr_path.downstream.encoder import read_encoder
+    from simclr_path.segment.model import unet_from_encoder
+
+    path = export_random_encoder(tmp_path / "enc.pt", seed=3)
+    unet, _ = unet_from_encoder(str(path), 3)
+    weights, _ = read_encoder(str(path))
+    state = unet.encoder.state_dict()
+    assert len(state) == len(weights)
+    for key, value in weights.items():
+        assert torch.equal(state[f"model.{key}"], value)
+
+
+@pytest.mark.slow
+def test_segment_learns_glands_from_half_labelled_images(glands, tmp_path):
+    from simclr_path.segment.model import load_segment_run
+
+    _, _, masks, store_path = glands
+    out = tmp_path / "run"
+    labels = labels_folder(tmp_path, masks, ["img0", "img1", "img2"], keep=lambda m: np.arange(m.shape[1])[None, :] < 96)
+    result = one_json(run_cli("segment", "timm:resnet10t", store_path, "--labels", labels, "--out", out,
+                              "--epochs", "12", "--batch", "8", "--image-size", "32", "--workers", "0", "-q"))
+    assert result["labelled_patches"] == 3 * 2 * 2 and result["last_loss"] < result["first_loss"]
+    model, meta = load_segment_run(str(out))
+    store = PatchStore(str(store_path))
+    label_set = load_labels(str(masks), store)
+    held_out = [i for name, s, e in store.slide_ranges() if name in ("img4", "img5") for i in range(s, e)]
+    from simclr_path.data.normalize import normalize
+
+    images = torch.from_numpy(np.stack([store[i] for i in held_out])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        predicted = model(normalize(images, meta["mean"], meta["std"])).argmax(1).numpy()
+    truth = np.stack([label_set.patch_mask(store, i) for i in held_out])
+    assert (predicted == truth).mean() > 0.9
