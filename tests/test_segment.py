@@ -239,3 +239,31 @@ def test_segment_learns_glands_from_half_labelled_images(glands, tmp_path):
         predicted = model(normalize(images, meta["mean"], meta["std"])).argmax(1).numpy()
     truth = np.stack([label_set.patch_mask(store, i) for i in held_out])
     assert (predicted == truth).mean() > 0.9
+
+
+def test_qupath_geojson_labels_paint_small_inside_large_and_leave_the_rest_unlabelled(glands, tmp_path):
+    from simclr_path.annotations.geojson import annotation_feature, write_geojson
+
+    _, _, _, store_path = glands
+    store = PatchStore(str(store_path))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    square = lambda x0, y0, x1, y1: np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)  # noqa: E731
+    write_geojson(labels / "img0.geojson", [
+        annotation_feature(square(32, 32, 96, 96), classification="gland", color=(0, 200, 0)),
+        annotation_feature(square(0, 0, 128, 128), classification="background", color=(200, 200, 200)),
+    ])
+    label_set = load_labels(str(labels), store, ["background", "gland"])
+    start, end = next((s, e) for name, s, e in store.slide_ranges() if name == "img0")
+    expected = np.full((160, 192), IGNORE, np.uint8)
+    expected[:128, :128] = 0
+    expected[32:96, 32:96] = 1
+    labelled = set(label_set.labelled_indices(store).tolist())
+    for index in range(start, end):
+        _, x, y = store.coords(index)
+        assert np.array_equal(label_set.patch_mask(store, index), expected[y:y + 64:2, x:x + 64:2])
+        assert (index in labelled) == (x < 128 and y < 128)
+    with pytest.raises(SimclrPathError, match="--classes"):
+        load_labels(str(labels), store, None)
+    with pytest.raises(SimclrPathError, match="'gland' is not one of --classes"):
+        load_labels(str(labels), store, ["background", "tumour"])
