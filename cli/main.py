@@ -47,10 +47,14 @@ def cli():
 
 
 def _register():
-    from simclr_path.cli import data_commands, downstream_commands, segment_commands, tile_commands, train_commands
+    from simclr_path.cli import (
+        data_commands, downstream_commands, predict_commands, segment_commands, select_commands, tile_commands,
+        train_commands,
+    )
 
     for command in (*tile_commands.COMMANDS, *data_commands.COMMANDS, *train_commands.COMMANDS,
-                    *downstream_commands.COMMANDS, *segment_commands.COMMANDS):
+                    *downstream_commands.COMMANDS, *select_commands.COMMANDS, *segment_commands.COMMANDS,
+                    *predict_commands.COMMANDS):
         cli.add_command(command)
 
 
