@@ -28,8 +28,11 @@ Examples:
 @click.option("--threshold", type=float, default=0.95, show_default=True, help="FixMatch pseudo-label confidence.")
 @click.option("--unlabeled-ratio", type=float, default=1.0, show_default=True, help="Unlabelled per labelled patch in a step.")
 @click.option("--ema", type=float, default=0.99, show_default=True, help="Decay of the teacher's moving average.")
+@click.option("--rampup", type=float, default=0.2, show_default=True,
+              help="Fraction of the schedule over which the unsupervised loss weight rises from 0 to 1.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Labelled patches per step.")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Passes over the labelled patches.")
+@click.option("--steps", type=int, default=None, help="Schedule length in steps instead of --epochs (a fixed budget).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the decoder.")
 @click.option("--encoder-lr-scale", type=float, default=None,
@@ -44,8 +47,8 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled_ratio, ema, batch, epochs,
-            max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers, seed,
+def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled_ratio, ema, rampup, batch, epochs,
+            steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers, seed,
             checkpoint_every, log_every, quiet):
     """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
     on the labelled areas of STORES, and with --ssl fixmatch on the unlabelled rest too.
@@ -57,7 +60,7 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled
 
     cfg = SegmentConfig(
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
-        epochs=epochs, max_steps=max_steps, lr=lr, encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
+        epochs=epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr, encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
         ssl=ssl, threshold=threshold, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
     )

@@ -267,3 +267,25 @@ def test_qupath_geojson_labels_paint_small_inside_large_and_leave_the_rest_unlab
         load_labels(str(labels), store, None)
     with pytest.raises(SimclrPathError, match="'gland' is not one of --classes"):
         load_labels(str(labels), store, ["background", "tumour"])
+
+
+def test_select_ranks_by_a_segment_models_entropy_and_skips_the_labelled_regions(glands, tmp_path):
+    import csv
+
+    _, _, _, store = glands
+    _train(glands, tmp_path, tmp_path / "run", max_steps=2, ssl="none")
+    labels = tmp_path / "labels"  # written by _train: the left 96 px of img0 and img1
+    for strategy in ("entropy", "hybrid"):
+        out = tmp_path / strategy
+        result = one_json(run_cli("select", tmp_path / "enc.pt", store, "--budget", "5", "--region-size", "1",
+                                  "--strategy", strategy, "--model", tmp_path / "run", "--annotated", labels,
+                                  "--out", out, "--workers", "0", "-q"))
+        assert result["regions_annotated"] == 2 * 2 * 2  # two images x two labelled columns x two rows
+        with open(out / "regions.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 5
+        assert not any(r["slide"] in ("img0", "img1") and int(r["x"]) < 96 for r in rows)
+        scores = [float(r["score"]) for r in rows]
+        assert all(0 <= s <= 1 for s in scores)
+        if strategy == "entropy":
+            assert scores == sorted(scores, reverse=True)

@@ -13,7 +13,8 @@ from simclr_path.errors import SimclrPathError
 RANDOM_INIT_PREFIX = "timm:"
 #: Settings that define the run; a resume with any of them changed is refused.
 FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
-                   "epochs", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps", "mask_downsample")
+                   "rampup", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps",
+                   "mask_downsample")
 
 
 @dataclass
@@ -27,13 +28,17 @@ class SegmentConfig:
             pretraining resolution (:func:`simclr_path.segment.model.matched_image_size`).
         batch: labelled patches per step (default 8).
         epochs: passes over the labelled patches (default 30): the length of the lr schedule.
-        max_steps: stop after this many steps (the schedule still spans ``epochs``).
+        steps: the schedule's length in steps instead of ``epochs`` (a fixed training budget
+            whatever the number of labelled patches).
+        max_steps: stop after this many steps (the schedule still spans ``epochs`` or ``steps``).
         lr: AdamW learning rate of the decoder (default 1e-3); the encoder's is ``lr *
             encoder_lr_scale`` (default 0.1: pretrained weights are adapted gently; 1.0 for random init).
         weight_decay: AdamW weight decay (default 1e-4).
         warmup_steps: linear warm-up before cosine decay (default: 5% of the steps, at most 100).
         ssl: ``none`` (supervised on labelled pixels only) or ``fixmatch``.
         threshold: FixMatch confidence above which a teacher's pixel becomes a pseudo-label (0.95).
+        rampup: fraction of the schedule over which the unsupervised loss weight rises linearly
+            from 0 to 1 (default 0.2), so the teacher's first, untrained guesses are not learnt.
         unlabeled_ratio: unlabelled patches per labelled patch in a step (default 1).
         ema: decay of the teacher's exponential moving average of the student (default 0.99).
         mask_downsample: level-0 px per mask px of the label masks (None: inferred from mask size).
@@ -45,6 +50,7 @@ class SegmentConfig:
     image_size: int | None = None
     batch: int = 8
     epochs: int = 30
+    steps: int | None = None
     max_steps: int | None = None
     lr: float = 1e-3
     encoder_lr_scale: float | None = None
@@ -52,6 +58,7 @@ class SegmentConfig:
     warmup_steps: int | None = None
     ssl: str = "none"
     threshold: float = 0.95
+    rampup: float = 0.2
     unlabeled_ratio: float = 1.0
     ema: float = 0.99
     mask_downsample: float | None = None
@@ -65,7 +72,9 @@ class SegmentConfig:
         checks = [
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (0 <= self.rampup <= 1, f"--rampup is a fraction of the schedule in [0, 1], got {self.rampup}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.encoder_lr_scale is None or self.encoder_lr_scale >= 0,
              f"--encoder-lr-scale must be >= 0, got {self.encoder_lr_scale}"),

@@ -5,7 +5,8 @@ The supervised loss is cross-entropy on labelled pixels only (255 = unlabelled).
 predicts the weak view of each unlabelled patch; where its softmax probability reaches
 ``threshold`` the argmax becomes the pseudo-label, and the student's prediction of the strong view
 (same geometry, photometric changes) must match it. The unsupervised loss is averaged over all
-unlabelled pixels, so unconfident pixels add nothing, and weighted 1. Inference uses the teacher.
+unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to 1 over the first
+``rampup`` of the schedule (the teacher starts as an untrained decoder). Inference uses the teacher.
 
 Run conventions follow ``pretrain``: ``config.yaml``, ``metrics.jsonl``, ``curves.png`` and an
 atomic ``checkpoint.pt`` in the run folder; the same command resumes exactly (batches are a
@@ -60,6 +61,7 @@ class SegmentRun:
     scheduler: object
     device: torch.device
     total_steps: int
+    schedule_steps: int
     step: int = 0
     stop: StopOnSigterm | None = None
     records: list = field(default_factory=list)
@@ -141,7 +143,7 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
     # the schedule spans --epochs; --max-steps only stops early (as in pretrain), so it may change on resume
-    schedule = math.ceil(len(labelled) / cfg.batch) * cfg.epochs
+    schedule = cfg.steps or math.ceil(len(labelled) / cfg.batch) * cfg.epochs
     total = min(schedule, cfg.max_steps) if cfg.max_steps is not None else schedule
     if cfg.warmup_steps is None:
         cfg.warmup_steps = min(100, int(0.05 * schedule))
@@ -172,7 +174,7 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     }
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
-                      device=device, total_steps=total)
+                      device=device, total_steps=total, schedule_steps=schedule)
 
 
 def open_segment_folder(run: SegmentRun) -> None:
@@ -231,7 +233,7 @@ def train_step(run: SegmentRun, batch) -> dict:
     if pseudo is not None:
         per_pixel = F.cross_entropy(logits[n:], pseudo, reduction="none")
         unsup = (per_pixel * confident).mean()
-        loss = loss + unsup
+        loss = loss + unsup_weight(run) * unsup
         losses.update(unsup_loss=unsup, confident=confident.float().mean())
     if not torch.isfinite(loss):
         raise SimclrPathError(
@@ -247,6 +249,13 @@ def train_step(run: SegmentRun, batch) -> dict:
         update_teacher(run.teacher, run.model, cfg.ema)
     losses["loss"] = loss
     return {k: v.detach() for k, v in losses.items()}
+
+
+def unsup_weight(run: SegmentRun) -> float:
+    """Weight of the unsupervised loss at the coming step: a linear ramp from 0 to 1 over
+    ``rampup`` of the schedule (the teacher starts as the untrained decoder), then 1."""
+    ramp = run.cfg.rampup * run.schedule_steps
+    return 1.0 if ramp <= 0 else min(1.0, (run.step + 1) / ramp)
 
 
 @torch.no_grad()

@@ -1,0 +1,319 @@
+"""Active learning on GlaS, simulated: Dice against the labelled fraction, per selection strategy.
+
+The annotator is simulated on the 85 GlaS training images (../shared/data/segmentation/glas):
+annotating a region reveals its ground-truth mask. Everything goes through the library calls the
+commands make (``tile``, ``pretrain``/``export`` as subprocesses; ``select``, ``segment`` and
+``segment-eval`` in-process):
+
+1. ``tile`` the training images as one-level slides (0.62 um/px given, patches of ``--patch-size``
+   px at ``--mpp``, no tissue filter); convert the masks to class indices (0 background, 1 gland).
+2. ``pretrain`` our SimCLR encoder on those images (``small`` preset, ``--pretrain-epochs``), then
+   ``export``; cached in the work folder.
+3. For each strategy (random, kcenter, hybrid): rounds at increasing labelled fractions. Each
+   round ``select``s regions of ``--region-size`` x K patches with the previous rounds'
+   labels as ``--annotated`` (hybrid's first round has no model yet: it starts with kcenter, the
+   cold start), reveals their masks, trains ``segment`` (supervised, our encoder) for
+   ``--steps`` steps and scores it on testA + testB (80 images) with ``segment-eval``.
+4. Extra rows at chosen fractions: FixMatch against supervised-only (same labels: kcenter's;
+   ``--fixmatch-at 5 10``),
+   random-init encoder (``timm:resnet18``) against ours, and 100% labelled (full masks).
+
+Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
+over all test pixels (``overall``). Every training run has the same budget: ``--steps``
+optimiser steps of ``--batch`` labelled patches (plus as many unlabelled ones for FixMatch).
+
+Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--fractions 1 2 5 10 20]
+       [--quick]   # a 3-minute smoke run: two fractions, 20 steps
+Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simclr_path.segment.config import SegmentConfig  # noqa: E402
+from simclr_path.segment.evaluate import evaluate_segmentation  # noqa: E402
+from simclr_path.segment.labels import IGNORE  # noqa: E402
+from simclr_path.segment.train import train_segmentation  # noqa: E402
+from simclr_path.selection.regions import build_regions  # noqa: E402
+from simclr_path.selection.select import select_regions_for_annotation  # noqa: E402
+from simclr_path.store import PatchStore  # noqa: E402
+
+GLAS = ROOT.parent / "shared" / "data" / "segmentation" / "glas"
+GLAS_MPP = 0.62
+CLASSES = ["background", "gland"]
+SIMCLR_PATH = [sys.executable, "-m", "simclr_path"]
+
+
+def log(message: str) -> None:
+    print(f"[al {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def tool(args: list[str], what: str) -> dict:
+    proc = subprocess.run(SIMCLR_PATH + args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def class_mask(path: Path) -> np.ndarray:
+    """GlaS masks are 0/255; ours are class indices (255 would mean 'unlabelled')."""
+    return (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)
+
+
+def prepare(work: Path, args) -> dict:
+    """Store of the training images, class-index masks, the test set; cached in ``work``."""
+    train_names = sorted(p.stem for p in (GLAS / "images").glob("train_*.jpg"))
+    test_names = sorted(p.stem for p in (GLAS / "images").glob("test*.jpg"))
+    store = work / "train.h5"
+    if not store.exists():
+        log(f"tiling {len(train_names)} training images -> {store}")
+        listing = work / "train.txt"
+        listing.write_text("".join(f"{GLAS / 'images' / n}.jpg\n" for n in train_names))
+        proc = subprocess.run(SIMCLR_PATH + ["tile", "-", "--out", str(store), "--slide-mpp", str(GLAS_MPP), "--mpp",
+                                             str(args.mpp), "--patch-size", str(args.patch_size), "--min-tissue", "0",
+                                             "-q"], stdin=open(listing), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+    masks, test_images, test_masks = work / "masks_train", work / "test_images", work / "test_masks"
+    for folder in (masks, test_images, test_masks):
+        folder.mkdir(exist_ok=True)
+    for name in train_names:
+        if not (masks / f"{name}.png").exists():
+            cv2.imwrite(str(masks / f"{name}.png"), class_mask(GLAS / "masks" / f"{name}.png"))
+    for name in test_names:
+        link = test_images / f"{name}.jpg"
+        if not link.exists():
+            link.symlink_to(GLAS / "images" / f"{name}.jpg")  # a link, not a copy of the shared data
+        if not (test_masks / f"{name}.png").exists():
+            cv2.imwrite(str(test_masks / f"{name}.png"), class_mask(GLAS / "masks" / f"{name}.png"))
+    return {"store": store, "masks": masks, "test_images": test_images, "test_masks": test_masks,
+            "train": train_names, "test": test_names}
+
+
+def encoder(work: Path, data: dict, args) -> Path:
+    path = work / "encoder.pt"
+    if path.exists():
+        return path
+    log(f"pretraining our encoder on the training images ({args.pretrain_epochs} epochs)")
+    started = time.perf_counter()
+    summary = tool(["pretrain", str(data["store"]), "--out", str(work / "pretrain"), "--config", "small",
+                    "--image-size", str(args.patch_size), "--batch", "128", "--epochs", str(args.pretrain_epochs), "-q"],
+                   "pretrain")
+    tool(["export", str(work / "pretrain"), str(path)], "export")
+    log(f"pretrained {summary['step']} steps in {time.perf_counter() - started:.0f} s")
+    return path
+
+
+def reveal(selection_dir: Path, labels_dir: Path, masks: Path) -> None:
+    """The annotator: each proposed region's ground truth is added to the slide's labels."""
+    with open(selection_dir / "regions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        target = labels_dir / f"{row['slide']}.png"
+        truth = cv2.imread(str(masks / f"{row['slide']}.png"), cv2.IMREAD_UNCHANGED)
+        labels = cv2.imread(str(target), cv2.IMREAD_UNCHANGED) if target.exists() else np.full_like(truth, IGNORE)
+        x, y, w, h = (int(float(row[k])) for k in ("x", "y", "width", "height"))
+        labels[y:y + h, x:x + w] = truth[y:y + h, x:x + w]
+        cv2.imwrite(str(target), labels)
+
+
+def labelled_fraction(labels_dir: Path, masks: Path, names: list[str]) -> float:
+    labelled = total = 0
+    for name in names:
+        truth = cv2.imread(str(masks / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        total += truth.size
+        path = labels_dir / f"{name}.png"
+        if path.exists():
+            labelled += int((cv2.imread(str(path), cv2.IMREAD_UNCHANGED) != IGNORE).sum())
+    return labelled / total
+
+
+def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none") -> dict:
+    """``segment`` for about ``args.steps`` steps, then ``segment-eval`` on testA + testB."""
+    if not (run / "score.json").exists():
+        cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, steps=args.steps, ssl=ssl,
+                            workers=args.workers, seed=args.seed, log_every=50, checkpoint_every=10_000,
+                            device=args.device)
+        started = time.perf_counter()
+        trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
+        seconds = time.perf_counter() - started
+        scored = evaluate_segmentation(str(run), images_dir=str(data["test_images"]), masks_dir=str(data["test_masks"]),
+                                       mpp=GLAS_MPP, device=args.device, workers=args.workers)
+        result = {"steps": trained["step"], "labelled_patches": trained["labelled_patches"],
+                  "train_s": round(seconds, 1),
+                  "dice": scored["mean_per_image"]["dice"]["gland"],
+                  "dice_pooled": scored["overall"]["dice"]["gland"]}
+        (run / "score.json").write_text(json.dumps(result))
+    return json.loads((run / "score.json").read_text())
+
+
+def regions_for(fraction: float, total_regions: int) -> int:
+    return max(1, int(round(fraction / 100 * total_regions)))
+
+
+def active_learning(work: Path, data: dict, enc: Path, strategy: str, args, total_regions: int) -> list[dict]:
+    """Rounds at ``args.fractions`` (cumulative) for one strategy; supervised, our encoder."""
+    rows, annotated = [], 0
+    previous_labels, previous_run = None, None
+    for fraction in args.fractions:
+        folder = work / strategy / f"{fraction:g}pct"
+        labels_dir, run = folder / "labels", folder / "run"
+        target = regions_for(fraction, total_regions)
+        if not labels_dir.exists():
+            budget = target - annotated
+            partial = folder / "labels.partial"
+            if partial.exists():
+                for f in partial.iterdir():
+                    f.unlink()
+            partial.mkdir(parents=True, exist_ok=True)
+            if previous_labels is not None:
+                for f in previous_labels.iterdir():
+                    (partial / f.name).write_bytes(f.read_bytes())
+            used = strategy if not (strategy in ("hybrid", "entropy") and previous_run is None) else "kcenter"
+            select_regions_for_annotation(
+                str(enc), [str(data["store"])], str(folder / "selection"), budget=budget,
+                region_size=args.region_size, strategy=used, annotated=str(previous_labels) if previous_labels else None,
+                model=str(previous_run) if used in ("hybrid", "entropy") else None, seed=args.seed,
+                device=args.device, workers=args.workers)
+            reveal(folder / "selection", partial, data["masks"])
+            os.replace(partial, labels_dir)
+        annotated = target
+        score = train_and_score(run, str(enc), data, labels_dir, args)
+        rows.append({"strategy": strategy, "ssl": "none", "init": "simclr", "target_pct": fraction,
+                     "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),
+                     "regions": target, **score})
+        log(f"{strategy} {fraction:g}%: Dice {score['dice']:.4f} ({score['train_s']:.0f} s)")
+        previous_labels, previous_run = labels_dir, run
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(ROOT / "bench" / "_work" / "al"))
+    parser.add_argument("--mpp", type=float, default=1.24, help="patch resolution (GlaS is 0.62 um/px)")
+    parser.add_argument("--patch-size", type=int, default=64)
+    parser.add_argument("--region-size", type=int, default=2)
+    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1, 2, 5, 10, 20])
+    parser.add_argument("--strategies", nargs="+", default=["random", "kcenter", "hybrid"])
+    parser.add_argument("--fixmatch-at", type=float, nargs="*", default=[5, 10])
+    parser.add_argument("--random-init-at", type=float, nargs="*", default=[10])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fractions 5 and 20, 20 steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.fractions, args.steps, args.fixmatch_at, args.random_init_at = [5, 20], 20, [5], [5]
+        args.work = str(Path(args.work) / "quick")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    started = time.perf_counter()
+    data = prepare(work, args)
+    cached = work.parent / "encoder.pt"
+    if args.quick and not cached.exists():
+        args.pretrain_epochs = 1
+    enc = cached if args.quick and cached.exists() else encoder(work, data, args)
+    store = PatchStore(str(data["store"]))
+    total_regions = len(build_regions(store, args.region_size))
+    store.close()
+    log(f"{total_regions} regions of {args.region_size}x{args.region_size} patches in {len(data['train'])} images")
+
+    rows = []
+    for strategy in args.strategies:
+        rows += active_learning(work, data, enc, strategy, args, total_regions)
+    reference = "kcenter" if "kcenter" in args.strategies else args.strategies[0]
+    for fraction in args.fixmatch_at:
+        labels_dir = work / reference / f"{fraction:g}pct" / "labels"
+        score = train_and_score(work / reference / f"{fraction:g}pct" / "fixmatch", str(enc), data, labels_dir, args,
+                                ssl="fixmatch")
+        rows.append({"strategy": reference, "ssl": "fixmatch", "init": "simclr", "target_pct": fraction,
+                     "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),
+                     "regions": regions_for(fraction, total_regions), **score})
+    for fraction in args.random_init_at:
+        labels_dir = work / reference / f"{fraction:g}pct" / "labels"
+        score = train_and_score(work / reference / f"{fraction:g}pct" / "random_init", "timm:resnet18", data,
+                                labels_dir, args)
+        rows.append({"strategy": reference, "ssl": "none", "init": "random", "target_pct": fraction,
+                     "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),
+                     "regions": regions_for(fraction, total_regions), **score})
+    for init, ref in (("simclr", str(enc)), ("random", "timm:resnet18")):
+        score = train_and_score(work / f"full_{init}", ref, data, data["masks"], args)
+        rows.append({"strategy": "all", "ssl": "none", "init": init, "target_pct": 100, "labelled_pct": 100.0,
+                     "regions": total_regions, **score})
+
+    print_table(rows)
+    (work / "active_learning.json").write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                           "seconds": round(time.perf_counter() - started)}, indent=1))
+    plot(rows, work / "active_learning.png")
+    log(f"done in {time.perf_counter() - started:.0f} s; {work / 'active_learning.json'}, {work / 'active_learning.png'}")
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["strategy", "ssl", "init", "target %", "labelled %", "regions", "patches", "steps", "train s",
+              "Dice (mean/img)", "Dice (pooled)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['strategy']} | {r['ssl']} | {r['init']} | {r['target_pct']:g} | {r['labelled_pct']:.2f} | "
+              f"{r['regions']} | {r['labelled_patches']} | {r['steps']} | {r['train_s']:.0f} | {r['dice']:.4f} | "
+              f"{r['dice_pooled']:.4f} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    curves = {}
+    for r in rows:
+        if r["ssl"] == "none" and r["init"] == "simclr" and r["strategy"] != "all":
+            curves.setdefault(r["strategy"], []).append((r["labelled_pct"], r["dice"]))
+    for name, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, "o-", label=f"{name} (supervised, SimCLR encoder)")
+    for r in rows:
+        if r["ssl"] == "fixmatch":
+            ax.plot(r["labelled_pct"], r["dice"], "*", markersize=12, color="tab:red", label="FixMatch (kcenter labels)")
+        elif r["init"] == "random" and r["strategy"] != "all":
+            ax.plot(r["labelled_pct"], r["dice"], "s", color="tab:gray", label="random-init encoder")
+    for r in rows:
+        if r["strategy"] == "all":
+            ax.axhline(r["dice"], linestyle="--", color="black" if r["init"] == "simclr" else "gray",
+                       label=f"100% labelled ({r['init']})")
+            if r["init"] == "simclr":
+                ax.axhline(0.9 * r["dice"], linestyle=":", color="black", label="0.9 x 100% (SimCLR)")
+    ax.set(xscale="log", xlabel="labelled fraction of training tissue (%)", ylabel="gland Dice, GlaS testA+B",
+           title="Active learning on GlaS (simulated annotator)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
