@@ -31,8 +31,8 @@ Examples:
 @click.option("--rampup", type=float, default=0.2, show_default=True,
               help="Fraction of the schedule over which the unsupervised loss weight rises from 0 to 1.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Labelled patches per step.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Passes over the labelled patches.")
-@click.option("--steps", type=int, default=None, help="Schedule length in steps instead of --epochs (a fixed budget).")
+@click.option("--epochs", type=int, default=None, help="Passes over the labelled patches: the schedule [default: 30].")
+@click.option("--steps", type=int, default=None, help="The schedule in steps instead of --epochs (a fixed budget).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the decoder.")
 @click.option("--encoder-lr-scale", type=float, default=None,
@@ -55,12 +55,17 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled
 
     Writes config.yaml, metrics.jsonl, curves.png and checkpoint.pt into --out; prints one JSON line.
     """
+    from simclr_path.errors import SimclrPathError
     from simclr_path.segment.config import SegmentConfig
     from simclr_path.segment.train import train_segmentation
 
+    if epochs is not None and steps is not None:
+        raise SimclrPathError("give --epochs or --steps, not both: each sets the length of the schedule")
+
     cfg = SegmentConfig(
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
-        epochs=epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr, encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
+        epochs=30 if epochs is None else epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
+        encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
         ssl=ssl, threshold=threshold, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
     )

@@ -29,7 +29,7 @@ def glands(tmp_path_factory):
 def labels_folder(tmp_path, masks, names, keep=None):
     """Copy the masks of ``names``; ``keep(mask) -> bool array``: pixels left labelled (others 255)."""
     out = tmp_path / "labels"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         mask = cv2.imread(str(masks / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         if keep is not None:
@@ -134,11 +134,13 @@ def test_batches_are_a_function_of_seed_and_step():
     assert list(StepBatches(labelled, unlabelled, 4, 8, 1, 0, 9)) != full
 
 
-def _train(glands, tmp_path, out, **overrides):
+def _train(glands, tmp_path, out, names=("img0", "img1"), **overrides):
+    """A short run on the left 96 px of images ``names`` (labels in ``tmp_path / 'labels-<names>'``)."""
     from simclr_path.segment.train import train_segmentation
 
     _, _, masks, store = glands
-    labels = labels_folder(tmp_path, masks, ["img0", "img1"], keep=lambda m: np.arange(m.shape[1])[None, :] < 96)
+    labels = labels_folder(tmp_path / f"labels-{'-'.join(names)}", masks, names,
+                           keep=lambda m: np.arange(m.shape[1])[None, :] < 96)
     cfg = dict(encoder=str(export_random_encoder(tmp_path / "enc.pt", input_mpp=1.0)), batch=4, epochs=3,
                workers=0, log_every=1, checkpoint_every=100, ssl="fixmatch", threshold=0.6, image_size=32)
     cfg.update(overrides)
@@ -168,8 +170,9 @@ def test_pseudo_labels_only_where_the_teacher_is_confident(glands, tmp_path):
     original = train_module.train_step
 
     def recording(run, batch):
+        weight = train_module.unsup_weight(run)
         losses = original(run, batch)
-        seen.append({k: float(v) for k, v in losses.items()})
+        seen.append({"weight": weight, **{k: float(v) for k, v in losses.items()}})
         return losses
 
     train_module.train_step = recording
@@ -181,7 +184,9 @@ def test_pseudo_labels_only_where_the_teacher_is_confident(glands, tmp_path):
     sure, never = seen
     assert sure["confident"] == 1.0 and sure["unsup_loss"] > 0.1
     assert never["confident"] < 0.01 and never["unsup_loss"] < 1e-3
-    assert never["loss"] == pytest.approx(never["sup_loss"] + never["unsup_loss"], abs=1e-5)
+    for record in (sure, never):
+        assert 0 < record["weight"] < 1  # the first step of the ramp-up
+        assert record["loss"] == pytest.approx(record["sup_loss"] + record["weight"] * record["unsup_loss"], abs=1e-5)
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(glands, tmp_path, monkeypatch):
@@ -203,6 +208,8 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(glands, tmp_path, monk
     assert _train(glands, tmp_path, tmp_path / "run", max_steps=5)["step"] == 5
     with pytest.raises(SimclrPathError, match="other settings"):
         _train(glands, tmp_path, tmp_path / "run", max_steps=6, ssl="none")
+    with pytest.raises(SimclrPathError, match="the labels or the stores"):  # same settings, other labels
+        _train(glands, tmp_path, tmp_path / "run", max_steps=6, names=("img0",))
 
 
 def test_unet_encoder_is_the_export_with_every_key(tmp_path):
@@ -274,7 +281,7 @@ def test_select_ranks_by_a_segment_models_entropy_and_skips_the_labelled_regions
 
     _, _, _, store = glands
     _train(glands, tmp_path, tmp_path / "run", max_steps=2, ssl="none")
-    labels = tmp_path / "labels"  # written by _train: the left 96 px of img0 and img1
+    labels = tmp_path / "labels-img0-img1" / "labels"  # written by _train: the left 96 px of img0 and img1
     for strategy in ("entropy", "hybrid"):
         out = tmp_path / strategy
         result = one_json(run_cli("select", tmp_path / "enc.pt", store, "--budget", "5", "--region-size", "1",
@@ -289,3 +296,82 @@ def test_select_ranks_by_a_segment_models_entropy_and_skips_the_labelled_regions
         assert all(0 <= s <= 1 for s in scores)
         if strategy == "entropy":
             assert scores == sorted(scores, reverse=True)
+
+
+def test_a_folder_of_slides_ignores_the_pngs_beside_them_and_a_folder_of_images_takes_them(tmp_path):
+    from synthetic import tissue_image, write_slide
+
+    from simclr_path.wsi.discover import find_slides
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", tissue_image(256, 256), levels=1)
+    cv2.imwrite(str(slides / "a.png"), np.zeros((8, 8), np.uint8))  # a thumbnail or a mask
+    assert find_slides([str(slides)]) == [str(slides / "a.tif")]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("x.jpg", "y.png"):
+        cv2.imwrite(str(images / name), np.zeros((8, 8, 3), np.uint8))
+    assert find_slides([str(images)]) == [str(images / "x.jpg"), str(images / "y.png")]
+
+
+def test_steps_set_the_schedule_and_the_unsupervised_weight_ramps_up(glands, tmp_path):
+    from simclr_path.segment.train import build_segment_run, unsup_weight
+
+    _, _, masks, store = glands
+    labels = labels_folder(tmp_path, masks, ["img0"])
+    cfg = SegmentConfig(encoder=str(export_random_encoder(tmp_path / "enc.pt")), steps=50, rampup=0.2, ssl="fixmatch",
+                        image_size=32, workers=0)
+    run = build_segment_run([str(store)], str(labels), str(tmp_path / "run"), cfg)
+    assert run.total_steps == run.schedule_steps == 50
+    weights = []
+    for step in (0, 4, 9, 10, 40):
+        run.step = step
+        weights.append(unsup_weight(run))
+    assert weights == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    run.scheduler.step_update(50)
+    assert run.optimizer.param_groups[1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    result = run_cli("segment", tmp_path / "enc.pt", store, "--labels", labels, "--out", tmp_path / "r",
+                     "--epochs", "2", "--steps", "5")
+    assert_error(result, "--epochs or --steps")
+
+
+def test_a_proposed_square_exported_back_from_qupath_is_labelled_whole(glands, tmp_path):
+    import json
+
+    _, _, _, store_path = glands
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+    one_json(run_cli("select", encoder, store_path, "--budget", "2", "--region-size", "1", "--out", tmp_path / "round1",
+                     "--workers", "0", "-q"))
+    proposal = next((tmp_path / "round1").glob("*.geojson"))
+    data = json.loads(proposal.read_text())
+    proposed = len(data["features"])
+    x0, y0 = data["features"][0]["geometry"]["coordinates"][0][0]
+    gland = [[x0 + 16, y0 + 16], [x0 + 48, y0 + 16], [x0 + 48, y0 + 48], [x0 + 16, y0 + 48], [x0 + 16, y0 + 16]]
+    data["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [gland]},
+                             "properties": {"objectType": "annotation", "classification": {"name": "gland",
+                                                                                           "color": [255, 0, 0]}}})
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / proposal.name).write_text(json.dumps(data))  # what QuPath exports: the squares and the drawing
+    store = PatchStore(str(store_path))
+    label_set = load_labels(str(labels), store, ["background", "gland"])
+    masks_by_xy = {}
+    for index in label_set.labelled_indices(store):
+        slide, x, y = store.coords(index)
+        assert slide == proposal.stem
+        masks_by_xy[(x, y)] = label_set.patch_mask(store, index)
+    assert len(masks_by_xy) == proposed  # the proposed patches of this slide, nothing else
+    first = masks_by_xy[(int(x0), int(y0))]
+    expected = np.zeros((32, 32), np.uint8)
+    expected[8:24, 8:24] = 1  # the gland; the rest of the square is background, not unlabelled
+    assert np.array_equal(first, expected)
+
+
+def test_stores_at_another_resolution_than_the_run_are_refused(glands, tmp_path):
+    _, images, _, _ = glands
+    _train(glands, tmp_path, tmp_path / "run", max_steps=1, ssl="none")
+    finer = tile_images([images / "img0.png"], tmp_path / "finer.h5", slide_mpp=0.5, mpp=0.5, patch_size=32)
+    result = run_cli("predict", tmp_path / "run", finer, "--out", tmp_path / "pred", "--workers", "0", "-q")
+    assert_error(result, "finer.h5", "--mpp 1")
+    assert not (tmp_path / "pred").exists()

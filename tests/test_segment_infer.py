@@ -67,13 +67,15 @@ def dice_of(pred, truth, value=1):
 @pytest.fixture
 def red_run(monkeypatch, tmp_path):
     """A run folder whose loading yields the red model (library code loads runs by path)."""
-    import simclr_path.segment.model as model_module
+    import simclr_path.segment.evaluate
+    import simclr_path.segment.infer
+    import simclr_path.segment.predict
 
     run = tmp_path / "run"
     run.mkdir()
     meta = red_meta()
-    monkeypatch.setattr(model_module, "load_segment_run",
-                        lambda path, device="cpu": (RedModel().to(device), dict(meta)))
+    for module in (simclr_path.segment.evaluate, simclr_path.segment.infer, simclr_path.segment.predict):
+        monkeypatch.setattr(module, "load_segment_run", lambda path, device="cpu": (RedModel().to(device), dict(meta)))
     return run
 
 

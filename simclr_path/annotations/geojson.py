@@ -27,6 +27,12 @@ import numpy as np
 
 from simclr_path.errors import SimclrPathError
 
+#: The class of the regions ``select`` proposes. Exported back from QuPath with the annotations
+#: drawn inside them, such a square means "this whole region was annotated": what no class polygon
+#: covers in it is the first class (background); see :mod:`simclr_path.segment.labels`.
+ANNOTATE_NEXT = "Annotate next"
+ANNOTATE_NEXT_COLOR = (0, 190, 0)
+
 _EXPORT_HINT = "export annotations from QuPath as GeoJSON (File > Export objects as GeoJSON)"
 _POLYGONAL = ("Polygon", "MultiPolygon", "GeometryCollection")
 _SKIPPED = ("Point", "MultiPoint", "LineString", "MultiLineString")

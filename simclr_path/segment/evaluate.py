@@ -33,6 +33,7 @@ from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter, log
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_image, predict_patches
+from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.segment.predict import write_png
 from simclr_path.segment.scores import ConfusionCounter, nan_mean
 from simclr_path.store.ingest import read_image
@@ -73,8 +74,6 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
         raise SimclrPathError("give either --images DIR with --masks DIR, or STORES with --labels DIR")
     if images_mode and mpp is not None and not mpp > 0:
         raise SimclrPathError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
-    from simclr_path.segment.model import load_segment_run
-
     resolved = resolve_device(device)
     model, meta = load_segment_run(run, resolved)
     classes = list(meta["classes"])
@@ -84,7 +83,7 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
         _check_resolution(meta, mpp)
         entries, overall = _evaluate_images(model, meta, pairs, mpp, resolved, overlay_dir, batch_size, reporter)
     else:
-        entries, overall = _evaluate_stores(model, meta, list(stores), labels_dir, resolved, overlay_dir,
+        entries, overall = _evaluate_stores(run, model, meta, list(stores), labels_dir, resolved, overlay_dir,
                                             batch_size, workers, reporter)
     return {
         "run": str(run),
@@ -191,14 +190,12 @@ def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, r
     return entries, overall
 
 
-def _evaluate_stores(model, meta, stores, labels_dir, device, overlay_dir, batch_size, workers, reporter):
+def _evaluate_stores(run, model, meta, stores, labels_dir, device, overlay_dir, batch_size, workers, reporter):
     from simclr_path.segment.labels import load_labels
 
     classes = meta["classes"]
     store = PatchStore(stores)
-    if store.patch_size != meta.get("patch_size", store.patch_size):
-        log(f"the stores' patches are {store.patch_size} px, the run was trained on {meta['patch_size']} px "
-            "patches; scores are only meaningful at the training resolution")
+    check_store_resolution(store, meta, run)
     labels = load_labels(labels_dir, store, classes)
     indices = labels.labelled_indices(store)
     if not len(indices):

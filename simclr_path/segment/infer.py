@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from simclr_path.data.normalize import normalize
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.device import resolve_device
+from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.store.reader import PatchSubset
 
 
@@ -129,11 +130,10 @@ def patch_entropy(run_dir: str, store, indices: np.ndarray, *, device: str = "au
     Returns:
         float32 array of ``len(indices)`` values in [0, 1], in the order of ``indices``.
     """
-    from simclr_path.segment.model import load_segment_run
-
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     resolved = resolve_device(device)
     model, meta = load_segment_run(run_dir, resolved)
+    check_store_resolution(store, meta, run_dir)
     out = np.zeros(len(indices), np.float32)
     if not len(indices):
         return out

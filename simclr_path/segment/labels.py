@@ -7,7 +7,10 @@ A labels folder holds, per labelled slide (named as in the store), either
   level-0 size (or given as ``mask_downsample``); or
 * ``<slide>.geojson``: QuPath annotations (polygons in level-0 px) whose classification names are
   the classes; pixels outside every annotation are unlabelled. Polygons are painted largest first,
-  so a gland drawn inside a "background" region keeps its class.
+  so a gland drawn inside a "background" region keeps its class. A square ``select`` proposed
+  ("Annotate next") and exported back with the annotations drawn in it counts as fully annotated:
+  whatever no class polygon covers inside it is the first class (background), as in Lai et al.'s
+  protocol where a proposed region is annotated whole.
 
 A patch's label is its level-0 box (``coords`` and the store's ``patch_size_level0``) cut from the
 slide's labels and resampled (nearest neighbour) to the stored patch size. Only labelled pixels are
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from simclr_path.annotations.geojson import ANNOTATE_NEXT, rasterize, read_geojson
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import PatchStore
 
@@ -45,11 +49,10 @@ class SlideLabels:
         """uint8 (size, size) labels of the level-0 square at ``origin`` with side ``extent``."""
         if self.mask is not None:
             return _mask_window(self.mask, self.downsample, origin, extent, size)
-        from simclr_path.annotations.geojson import rasterize
-
         x, y = origin
-        hits = [a for a, b in zip(self.annotations, self.boxes)
-                if b[0] < x + extent and b[2] > x and b[1] < y + extent and b[3] > y]
+        b = self.boxes
+        overlapping = np.flatnonzero((b[:, 0] < x + extent) & (b[:, 2] > x) & (b[:, 1] < y + extent) & (b[:, 3] > y))
+        hits = [self.annotations[i] for i in overlapping]
         if not hits:
             return np.full((size, size), IGNORE, np.uint8)
         return rasterize(hits, class_index, (float(x), float(y)), (size, size), downsample=extent / size,
@@ -81,7 +84,10 @@ class LabelSet:
 
     @property
     def class_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.classes)}
+        """Class value of each annotation class; a proposed "Annotate next" square is the first class."""
+        index = {ANNOTATE_NEXT: 0}
+        index.update((name, i) for i, name in enumerate(self.classes))
+        return index
 
     def patch_mask(self, store: PatchStore, index: int) -> np.ndarray:
         """uint8 (P, P) class index per pixel of store patch ``index``; 255 where unlabelled."""
@@ -192,8 +198,6 @@ def _read_mask(path: str, name: str, store: PatchStore, downsample: float | None
 
 
 def _read_geojson(path: str, name: str) -> SlideLabels:
-    from simclr_path.annotations.geojson import read_geojson
-
     annotations = read_geojson(path)
     if not annotations:
         raise SimclrPathError(f"{path}: no polygon annotations; draw and classify regions in QuPath, then export")
@@ -213,7 +217,8 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
         if len(classes) > IGNORE:
             raise SimclrPathError(f"--classes: at most {IGNORE} classes (255 marks unlabelled pixels)")
     elif geojson:
-        found = sorted({a.classification for s in geojson for a in s.annotations if a.classification})
+        found = sorted({a.classification for s in geojson for a in s.annotations
+                        if a.classification and a.classification != ANNOTATE_NEXT})
         raise SimclrPathError(
             f"{geojson[0].source}: GeoJSON labels need the class list; pass --classes (found: {','.join(found) or 'none'}), "
             "the first class is class 0"
@@ -224,7 +229,7 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
         if s.mask is None:
             index = {c: i for i, c in enumerate(classes)}
             for a in s.annotations:
-                if a.classification not in index:
+                if a.classification not in index and a.classification != ANNOTATE_NEXT:
                     raise SimclrPathError(
                         f"{s.source}: annotation class {a.classification!r} is not one of --classes "
                         f"{','.join(classes)}; add it to --classes or reclassify it in QuPath"

@@ -9,6 +9,7 @@ it was pretrained at.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from simclr_path.downstream.encoder import read_encoder
 from simclr_path.downstream.segmentation import load_smp_encoder
 from simclr_path.errors import SimclrPathError
+from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, read_segment_checkpoint
 
 #: The input side of a five-stage Unet must be a multiple of this.
 SIZE_MULTIPLE = 32
@@ -65,6 +67,28 @@ def check_image_size(image_size: int) -> None:
         )
 
 
+#: Relative difference of patch resolution tolerated between a store and a run's training stores.
+MPP_TOLERANCE = 0.02
+
+
+def check_store_resolution(store, meta: dict, run: str) -> None:
+    """Refuse stores whose patches are not what run ``run`` was trained on (size, and um/px within
+    :data:`MPP_TOLERANCE`): the network would see tissue at another scale and say nothing."""
+    trained_mpp, trained_size = meta.get("patch_mpp"), meta.get("patch_size")
+    for path, attrs in zip(getattr(store, "paths", ()), getattr(store, "attrs", ())):  # images in memory: nothing to check
+        mpp = attrs.get("target_mpp")
+        mpp = float(mpp) if mpp is not None and math.isfinite(float(mpp)) else None
+        size = int(attrs["patch_size"])
+        wrong_mpp = trained_mpp and mpp and abs(mpp / trained_mpp - 1) > MPP_TOLERANCE
+        if wrong_mpp or (trained_size and size != trained_size):
+            at = f" at {trained_mpp:g} um/px" if trained_mpp else ""
+            raise SimclrPathError(
+                f"{path}: {size} px patches" + (f" at {mpp:g} um/px" if mpp else "") + f", but {run} was trained on "
+                f"{trained_size} px patches{at}; tile the slides again with --patch-size {trained_size}"
+                + (f" --mpp {trained_mpp:g}" if trained_mpp else "")
+            )
+
+
 def load_segment_run(run: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """``(model, meta)`` of a ``segment`` run folder (or its checkpoint file), in eval mode on ``device``.
 
@@ -73,8 +97,6 @@ def load_segment_run(run: str, device: torch.device | str = "cpu") -> tuple[nn.M
     (network input side), ``mean``/``std``, ``input_mpp`` (um per network input pixel; None when
     unknown), ``patch_size`` and ``patch_mpp`` of the training stores, and ``timm_model``.
     """
-    from simclr_path.segment.checkpoint import read_segment_checkpoint
-
     ckpt = read_segment_checkpoint(run)
     meta = dict(ckpt["meta"])
     model = build_unet(meta["timm_model"], len(meta["classes"]))
@@ -88,6 +110,4 @@ def load_segment_run(run: str, device: torch.device | str = "cpu") -> tuple[nn.M
 
 def run_checkpoint_path(run: str) -> str:
     """The checkpoint file of a run folder (or ``run`` itself when it is a file)."""
-    from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT
-
     return os.path.join(run, SEGMENT_CHECKPOINT) if os.path.isdir(run) else run

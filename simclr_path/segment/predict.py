@@ -36,10 +36,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from simclr_path.annotations.geojson import annotation_feature, write_geojson
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_patches
+from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.store.reader import PatchStore, PatchSubset
 
 UNCOVERED = 255
@@ -48,6 +50,9 @@ UNCOVERED = 255
 CLASS_COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 165, 0), (148, 0, 211), (0, 206, 209),
                  (255, 20, 147), (139, 69, 19), (128, 128, 0), (70, 130, 180)]
 
+
+#: Longest side of a predicted mask at the default downsample (uint8: 256 MiB at most per mask).
+DEFAULT_MAX_SIDE = 16_384
 
 def class_colour(value: int) -> tuple[int, int, int]:
     """The QuPath colour of class ``value`` (>= 1)."""
@@ -62,7 +67,9 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
         run: segment run folder (or its checkpoint file).
         stores: tiled patch stores (not ingested folders: patches need slide coordinates).
         out: output folder (created if needed).
-        downsample: level-0 px per output pixel, > 0; default each store's own (its ``scale``).
+        downsample: level-0 px per output pixel, > 0; default each store's own (its ``scale``), coarser
+            where that would make a mask longer than :data:`DEFAULT_MAX_SIDE` px (a 100,000 px wide
+            slide at 0.5 um/px: 8,192 px wide at the default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: patches per forward pass.
         workers: DataLoader processes reading patches.
@@ -75,8 +82,6 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
                               f"got {downsample}")
     if not stores:
         raise SimclrPathError("no patch store given")
-    from simclr_path.segment.model import load_segment_run
-
     resolved = resolve_device(device)
     opened = [PatchStore(path) for path in stores]  # one at a time: slide names are unique within a store
     plan = []
@@ -93,6 +98,8 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
             used.add(stem)
             plan.append((store, name, start, end, stem))
     model, meta = load_segment_run(run, resolved)
+    for store in opened:
+        check_store_resolution(store, meta, run)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -110,8 +117,6 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
             png = os.path.join(out, f"{stem}.png")
             write_png(png, mask)
             geojson = os.path.join(out, f"{stem}.geojson")
-            from simclr_path.annotations.geojson import write_geojson
-
             write_geojson(geojson, mask_features(mask, meta["classes"], d, mpp))
             files += [png, geojson]
             reporter.advance_slide()
@@ -138,8 +143,10 @@ def predict_slide_mask(model, meta: dict, store: PatchStore, name: str, start: i
     group = store.slide_group(name)
     attrs = group.attrs
     scale = float(attrs["scale"])  # level-0 px per stored px
-    d = float(downsample) if downsample else scale
     width, height = int(attrs["width"]), int(attrs["height"])
+    # default: the store's own resolution, coarsened where needed to keep the class map (and the
+    # per-class copies the contour step makes) within DEFAULT_MAX_SIDE px on the long side
+    d = float(downsample) if downsample else max(scale, max(width, height) / DEFAULT_MAX_SIDE)
     mpp = float(attrs.get("level0_mpp", float("nan")))
     mpp = mpp if math.isfinite(mpp) and mpp > 0 else None
     coords = np.asarray(group["coords"][()], dtype=np.int64).reshape(-1, 2)
@@ -227,8 +234,6 @@ def mask_features(mask: np.ndarray, classes: list[str], downsample: float, mpp: 
     Coordinates are level-0 px: ``(pixel + 0.5) * downsample``. ``area_um2`` (polygon minus holes)
     is added when ``mpp`` (level-0 um/px) is known.
     """
-    from simclr_path.annotations.geojson import annotation_feature
-
     features = []
     for value in range(1, len(classes)):
         region = (mask == value).astype(np.uint8)

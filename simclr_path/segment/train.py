@@ -16,6 +16,7 @@ function of (seed, step)); SIGTERM checkpoints and stops (exit 143); one JSON su
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import time
@@ -171,10 +172,23 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
         "labels": os.path.abspath(labels_dir),
         "labelled_patches": int(len(labelled)),
         "unlabelled_patches": int(len(unlabelled)),
+        "data_key": data_key(store, labels),
     }
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
                       device=device, total_steps=total, schedule_steps=schedule)
+
+
+def data_key(store: PatchStore, labels: LabelSet) -> str:
+    """A digest of what the run learns from: every label file's bytes and every store slide's
+    name, fingerprint and patch count. A resume with other labels or stores would not be exact."""
+    digest = hashlib.sha256()
+    for name in sorted(labels.slides):
+        digest.update(name.encode() + b"\0" + file_sha256(labels.slides[name].source).encode())
+    for name, start, end in store.slide_ranges():
+        fingerprint = str(store.slide_group(name).attrs.get("fingerprint", ""))
+        digest.update(f"{name}:{fingerprint}:{end - start}".encode())
+    return digest.hexdigest()
 
 
 def open_segment_folder(run: SegmentRun) -> None:
@@ -191,6 +205,8 @@ def open_segment_folder(run: SegmentRun) -> None:
     changed = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(run.cfg, k)]
     if ckpt["meta"].get("encoder_sha256") != run.meta["encoder_sha256"]:
         changed.append("encoder file contents")
+    if ckpt["meta"].get("data_key") != run.meta["data_key"]:
+        changed.append("the labels or the stores' slides")
     if changed:
         raise SimclrPathError(
             f"{run.out}: holds a segment run with other settings ({', '.join(changed)}); rerun with the same settings "
@@ -227,7 +243,9 @@ def train_step(run: SegmentRun, batch) -> dict:
     with torch.autocast(**autocast):
         logits = run.model(x).float()
     n = len(images)
-    sup = F.cross_entropy(logits[:n], masks, ignore_index=IGNORE)
+    # mean over labelled pixels; 0 (not NaN) for a batch whose labels vanished in the resize to image_size
+    labelled = (masks != IGNORE).sum().clamp(min=1)
+    sup = F.cross_entropy(logits[:n], masks, ignore_index=IGNORE, reduction="sum") / labelled
     losses = {"sup_loss": sup}
     loss = sup
     if pseudo is not None:

@@ -27,16 +27,17 @@ import tempfile
 import cv2
 import numpy as np
 
-from simclr_path.annotations.geojson import annotation_feature, read_annotations, write_geojson
+from simclr_path.annotations.geojson import (
+    ANNOTATE_NEXT, ANNOTATE_NEXT_COLOR, annotation_feature, read_annotations, write_geojson,
+)
 from simclr_path.errors import SimclrPathError
 from simclr_path.selection.regions import Regions, SlideGrid, slide_coords
 from simclr_path.store import PatchStore
 from simclr_path.store.format import SLIDES, open_h5
 
-ANNOTATE_NEXT = "Annotate next"
 #: The class colour in QuPath and the boxes' colour in the thumbnails (RGB): green, the complement
 #: of H&E's pinks and purples, and clear on white glass.
-ANNOTATE_COLOR = (0, 190, 0)
+ANNOTATE_COLOR = ANNOTATE_NEXT_COLOR
 THUMBNAIL_LONG_SIDE = 1280
 CSV_NAME = "regions.csv"
 _INK = (30, 30, 30)

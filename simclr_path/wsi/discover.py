@@ -15,8 +15,9 @@ def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]
     """Expand ``inputs`` into a sorted, de-duplicated list of slide paths.
 
     A file is taken as given (so an unreadable one is reported, not skipped). A folder is searched
-    recursively for files with an OpenSlide extension or a plain-image one (PNG, JPEG, BMP: tiled
-    as one-level slides). ``-`` reads one path per line from
+    recursively for files with an OpenSlide extension; a folder holding none is searched for plain
+    images instead (PNG, JPEG, BMP: tiled as one-level slides), so the thumbnails, label masks and
+    outputs that sit beside whole-slide images are never taken for slides. ``-`` reads one path per line from
     ``stdin``. Raises when a path does not exist or nothing is found.
     """
     found: dict[str, None] = {}
@@ -31,11 +32,7 @@ def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]
             continue
         path = Path(item)
         if path.is_dir():
-            hits = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.suffix.lower() in SLIDE_EXTENSIONS + IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-            )
+            hits = _files_with(path, SLIDE_EXTENSIONS) or _files_with(path, IMAGE_EXTENSIONS)
             if not hits:
                 raise SimclrPathError(
                     f"{item}: no slides found (looked for {', '.join(dict.fromkeys(SLIDE_EXTENSIONS + IMAGE_EXTENSIONS))}); "
@@ -48,6 +45,11 @@ def find_slides(inputs: Iterable[str], stdin: TextIO | None = None) -> list[str]
         else:
             raise SimclrPathError(f"{item}: no such file or folder")
     return sorted(found, key=lambda p: (Path(p).name, p))
+
+
+def _files_with(folder: Path, extensions: tuple[str, ...]) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*")
+                  if p.suffix.lower() in extensions and p.is_file() and not p.name.startswith("."))
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -25,6 +25,8 @@ SLIDE_EXTENSIONS = (
 #: Plain images (one level, no resolution metadata) read through openslide-python's ``ImageSlide``
 #: when OpenSlide itself does not open them: tissue micro-array cores, crops, GlaS-style datasets.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Largest plain image opened (ImageSlide holds it whole in memory: 3 bytes per pixel).
+PLAIN_IMAGE_MAX_PIXELS = 1_000_000_000
 
 #: Magnification that corresponds to 1 micron per pixel (10x ~ 1.0 um/px, 20x ~ 0.5, 40x ~ 0.25).
 MICRONS_AT_1X = 10.0
@@ -93,9 +95,24 @@ def _open_image(path: str):
         raise SlideError(
             f"{path}: not a slide format OpenSlide reads; convert it to pyramidal TIFF or remove it"
         )
+    # ImageSlide decodes the whole image into memory: past PLAIN_IMAGE_MAX_PIXELS a pyramidal TIFF is the way
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, PLAIN_IMAGE_MAX_PIXELS)
     try:
         with Image.open(path) as image:
+            pixels = image.width * image.height
             image.verify()  # a truncated or corrupt image fails here, not halfway through tiling
+    except Image.DecompressionBombError:
+        pixels = PLAIN_IMAGE_MAX_PIXELS + 1
+    except Exception as exc:
+        raise SlideError(
+            f"{path}: neither a slide OpenSlide reads nor a readable image ({_one_line(exc)}); re-export or remove it"
+        ) from None
+    if pixels > PLAIN_IMAGE_MAX_PIXELS:
+        raise SlideError(
+            f"{path}: a plain image of over {PLAIN_IMAGE_MAX_PIXELS / 1e6:.0f} Mpx is decoded whole into memory; "
+            "convert it to a pyramidal TIFF (e.g. 'vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg')"
+        )
+    try:
         return openslide.ImageSlide(path)
     except Exception as exc:
         raise SlideError(
