@@ -422,7 +422,7 @@ def test_select_problems_are_one_line_errors_that_write_nothing(encoder, store, 
         args, needles = args + ["--annotated", annotated], ("a.geojson", "not GeoJSON", "export annotations")
     elif case == "colour-mask":
         cv2.imwrite(str(annotated / "a.png"), np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8))
-        args, needles = args + ["--annotated", annotated], ("a.png", "not a label mask")
+        args, needles = args + ["--annotated", annotated], ("a.png", "one 8-bit channel of class indices")
     else:
         out, args, needles = annotated, args + ["--annotated", annotated], ("also the --annotated folder",)
     assert_error(_select(encoder, store, out, *args), *needles)

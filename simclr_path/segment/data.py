@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from simclr_path.segment.labels import IGNORE, LabelSet
+from simclr_path.segment.labels import LabelSet
 from simclr_path.store import PatchStore
 
 LABELLED, UNLABELLED = 0, 1

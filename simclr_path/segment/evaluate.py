@@ -34,14 +34,13 @@ from simclr_path.runtime.console import Reporter, log
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_image, predict_patches
 from simclr_path.segment.model import check_store_resolution, load_segment_run
-from simclr_path.segment.predict import write_png
+from simclr_path.segment.masks import IGNORE, read_class_mask, write_png
 from simclr_path.segment.scores import ConfusionCounter, nan_mean
 from simclr_path.store.ingest import read_image
 from simclr_path.store.reader import PatchStore, PatchSubset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_EXTENSION = ".png"
-IGNORE = 255
 TRUTH_RGB = (0, 255, 0)
 PREDICTION_RGB = (255, 0, 255)
 
@@ -136,12 +135,7 @@ def pair_images(images_dir: str, masks_dir: str, num_classes: int) -> list[tuple
 def read_mask(path: Path, num_classes: int, shape: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 (H, W) class mask at ``path``, checked: one 8-bit channel, values < ``num_classes`` or 255,
     and (when given) ``shape`` = (H, W) of its image."""
-    mask = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise SimclrPathError(f"{path}: not a readable PNG; save the mask as a one-channel PNG")
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise SimclrPathError(f"{path}: a mask must be one 8-bit channel of class indices (got shape {mask.shape}, "
-                              f"{mask.dtype}); save it as a grayscale PNG")
+    mask = read_class_mask(str(path))
     if shape is not None and mask.shape != tuple(shape):
         raise SimclrPathError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image is "
                               f"{shape[1]}x{shape[0]}; save the mask at the image's size")

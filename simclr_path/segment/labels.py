@@ -22,14 +22,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from simclr_path.annotations.geojson import ANNOTATE_NEXT, rasterize, read_geojson
 from simclr_path.errors import SimclrPathError
+from simclr_path.segment.masks import IGNORE, mask_downsample, read_class_mask
 from simclr_path.store import PatchStore
 
-IGNORE = 255
 MASK_SUFFIX = ".png"
 GEOJSON_SUFFIX = ".geojson"
 
@@ -172,28 +171,12 @@ def _some(names) -> str:
 
 
 def _read_mask(path: str, name: str, store: PatchStore, downsample: float | None) -> SlideLabels:
-    mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise SimclrPathError(f"{path}: not a readable PNG mask; save masks as one-channel PNG")
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise SimclrPathError(
-            f"{path}: a mask must be one 8-bit channel of class indices (got shape {mask.shape}, {mask.dtype}); "
-            "save it as a grayscale PNG"
-        )
+    mask = read_class_mask(path)
     attrs = store.slide_group(name).attrs
     width, height = attrs.get("width"), attrs.get("height")
     if width is None or height is None:
         patch_extent(store, name)  # raises the ingested-folder error
-    width, height = int(width), int(height)
-    if downsample is None:
-        downsample = width / mask.shape[1]
-    expected = (round(height / downsample), round(width / downsample))
-    if abs(expected[0] - mask.shape[0]) > 1 or abs(expected[1] - mask.shape[1]) > 1:
-        raise SimclrPathError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but slide {name} is {width}x{height} at level 0 "
-            f"(expected {expected[1]}x{expected[0]} at downsample {downsample:g}); give a mask of the slide's "
-            "shape at level 0 or at one downsample (--mask-downsample)"
-        )
+    downsample = mask_downsample(path, mask.shape, name, int(width), int(height), downsample)
     return SlideLabels(name=name, source=path, mask=mask, downsample=float(downsample))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -41,10 +40,11 @@ from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_patches
+from simclr_path.segment.masks import IGNORE, write_png
 from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.store.reader import PatchStore, PatchSubset
 
-UNCOVERED = 255
+UNCOVERED = IGNORE
 
 #: (r, g, b) QuPath colours of classes 1, 2, ... (class 0 is background and not outlined); repeats past the end.
 CLASS_COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 165, 0), (148, 0, 211), (0, 206, 209),
@@ -272,24 +272,3 @@ def _level0(contour: np.ndarray, downsample: float) -> np.ndarray:
 def _area(ring: np.ndarray) -> float:
     return abs(float(cv2.contourArea(ring.astype(np.float32))))
 
-
-def write_png(path: str, image: np.ndarray) -> None:
-    """Write a uint8 image (H, W) one-channel or (H, W, 3) RGB as a PNG, atomically (temporary file, rename)."""
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise SimclrPathError(f"{path}: the PNG could not be encoded (image {image.shape}); too large for PNG? "
-                              "use a larger --downsample")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encoded.tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise SimclrPathError(f"{path}: cannot write the PNG ({exc.strerror or exc}); choose a folder you can write")\
-            from None

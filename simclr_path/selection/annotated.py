@@ -26,13 +26,13 @@ import numpy as np
 
 from simclr_path.annotations.geojson import Annotation, rasterize, read_annotations
 from simclr_path.errors import SimclrPathError
+from simclr_path.segment.masks import IGNORE, mask_downsample, read_class_mask
 from simclr_path.selection.regions import Regions, SlideGrid
 
 #: Raster resolution for GeoJSON, in pixels per grid step.
 PIXELS_PER_STEP = 4
 #: Largest side of a GeoJSON raster in pixels (coarser for a giant slide with a fine grid).
 MAX_RASTER_SIDE = 16384
-UNLABELLED = 255
 
 
 def annotated_regions(folder: str, regions: Regions, log=None) -> np.ndarray:
@@ -111,25 +111,12 @@ def _mark(labelled: np.ndarray, polygon: Annotation, downsample: float, path: st
 
 
 def _mask_raster(path: str, slide: SlideGrid) -> tuple[np.ndarray, float]:
-    mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise SimclrPathError(f"{path}: not a readable PNG; write label masks as single-channel PNGs "
-                              "(class index per pixel, 255 = unlabelled)")
-    if mask.ndim == 3:
-        if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, mask.shape[2])):
-            raise SimclrPathError(f"{path}: a colour image, not a label mask; write one class index per pixel "
-                                  "(255 = unlabelled) as a single-channel PNG")
-        mask = mask[..., 0]
-    height, width = mask.shape
+    mask = read_class_mask(path)
     if not slide.width or not slide.height:
         raise SimclrPathError(f"{path}: the store does not record the level-0 size of slide {slide.name}; "
                               "re-tile it with this version of simclr-path")
-    downsample = slide.width / width
-    if abs(slide.height / downsample - height) > 1 + 1e-9:
-        raise SimclrPathError(f"{path}: a {width}x{height} px mask is not a downsample of slide {slide.name} "
-                              f"({slide.width}x{slide.height} level-0 px); write the mask at level 0 or at one "
-                              "downsample for both axes")
-    return (mask != UNLABELLED).astype(np.uint8), downsample
+    downsample = mask_downsample(path, mask.shape, slide.name, slide.width, slide.height)
+    return (mask != IGNORE).astype(np.uint8), downsample
 
 
 def _touched(labelled: np.ndarray, downsample: float, regions: Regions, indices: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from simclr_path.annotations.geojson import (
     ANNOTATE_NEXT, ANNOTATE_NEXT_COLOR, annotation_feature, read_annotations, write_geojson,
 )
 from simclr_path.errors import SimclrPathError
+from simclr_path.segment.masks import write_png
 from simclr_path.selection.regions import Regions, SlideGrid, slide_coords
 from simclr_path.store import PatchStore
 from simclr_path.store.format import SLIDES, open_h5
@@ -67,7 +68,7 @@ def write_outputs(out: str, regions: Regions, ranked: np.ndarray, scores: np.nda
                           region_features(regions, ranked[on_slide], ranks[on_slide], scores[on_slide]))
             image = draw_thumbnail(store, regions, number, ranked[on_slide], ranks[on_slide],
                                    f"{slide.file_name} | {legend}" if legend else slide.file_name)
-            _write_png(os.path.join(staging, png), image)
+            write_png(os.path.join(staging, png), cv2.cvtColor(image, cv2.COLOR_BGR2RGB))  # drawn in BGR
             names += [geojson, png]
         os.makedirs(out, exist_ok=True)
         _remove_stale_proposals(out, regions, set(names))
@@ -178,14 +179,6 @@ def _with_legend(canvas: np.ndarray, legend: str) -> np.ndarray:
     cv2.putText(out, legend, (8, h + band - int(base * fit) - 8), cv2.FONT_HERSHEY_SIMPLEX, scale * fit, _INK, 1,
                 cv2.LINE_AA)
     return out
-
-
-def _write_png(path: str, image: np.ndarray) -> None:
-    ok, buffer = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"PNG encoding failed for {path}")
-    with open(path, "wb") as fh:
-        fh.write(buffer.tobytes())
 
 
 def _remove_stale_proposals(out: str, regions: Regions, written: set[str]) -> None:
