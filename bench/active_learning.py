@@ -269,7 +269,7 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = ["strategy", "ssl", "init", "target %", "labelled %", "regions", "patches", "steps", "train s",
-              "Dice (mean/img)", "Dice (pooled)"]
+              "gland pixel Dice (mean/img)", "pixel Dice (pooled)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -303,7 +303,7 @@ def plot(rows: list[dict], path: Path) -> None:
                        label=f"100% labelled ({r['init']})")
             if r["init"] == "simclr":
                 ax.axhline(0.9 * r["dice"], linestyle=":", color="black", label="0.9 x 100% (SimCLR)")
-    ax.set(xscale="log", xlabel="labelled fraction of training tissue (%)", ylabel="gland Dice, GlaS testA+B",
+    ax.set(xscale="log", xlabel="labelled fraction of training tissue (%)", ylabel="gland pixel Dice, GlaS testA+B",
            title="Active learning on GlaS (simulated annotator)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
