@@ -18,8 +18,6 @@ short label: the patch's index, size and place, or the transforms that fired in 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import cv2
@@ -27,6 +25,7 @@ import numpy as np
 
 from simclr_path.data.views import ViewConfig, build_transform, draw_views, sample_seed
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.files import write_png
 
 #: Smallest side of a tile on screen, in pixels; smaller views are enlarged by a whole factor.
 MIN_TILE_SIDE = 128
@@ -298,23 +297,6 @@ def view_grid(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0
     legend = legend_items(cfg, seed, epoch, patch_side, n, len(store))
     return render_grid(samples, cfg.image_size, legend)
 
-
-def write_png(path: str, rgb: np.ndarray) -> None:
-    """Write ``rgb`` as a PNG at ``path`` atomically: a temporary file beside it, then a rename."""
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise SimclrPathError(f"{path}: the PNG could not be encoded")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encoded.tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise SimclrPathError(f"{path}: cannot write the PNG ({exc.strerror or exc}); check --out") from None
 
 
 def write_view_grid(path: str, store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0) -> list[int]:

@@ -35,7 +35,6 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -45,6 +44,7 @@ from simclr_path.data.normalize import normalize
 from simclr_path.engine.features import EncoderInputs
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import PatchStore
+from simclr_path.store.reader import output_name
 from simclr_path.store.format import SLIDES, SPEC_KEYS, open_h5
 
 COMBINED = "features.h5"
@@ -114,13 +114,7 @@ def _slides(store: PatchStore) -> list[_Slide]:
                 listed, start, end = next(ranges, (None, 0, 0))
                 if listed != name or end - start != n:
                     raise SimclrPathError(f"{path}: the store changed while being read; rerun when it is complete")
-                out = name
-                if out in used:
-                    out = base = f"{name}-{Path(path).stem}"
-                    k = 2
-                    while out in used:
-                        out, k = f"{base}-{k}", k + 1
-                used.add(out)
+                out = output_name(name, path, used)
                 slides.append(_Slide(name, out, os.path.abspath(path), start, end, _slide_key(spec, group)))
     return slides
 

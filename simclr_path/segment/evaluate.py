@@ -34,7 +34,8 @@ from simclr_path.runtime.console import Reporter, log
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_image, predict_patches
 from simclr_path.segment.model import check_store_resolution, load_segment_run
-from simclr_path.segment.masks import IGNORE, read_class_mask, write_png
+from simclr_path.runtime.files import write_png
+from simclr_path.segment.masks import IGNORE, read_class_mask
 from simclr_path.segment.scores import ConfusionCounter, nan_mean
 from simclr_path.store.ingest import read_image
 from simclr_path.store.reader import PatchStore, PatchSubset

@@ -1,14 +1,13 @@
 """Class masks on disk: one 8-bit channel, a class index per pixel, 255 where there is no class.
 
-One reader and one writer for every command that takes or writes masks (``segment``'s labels,
+One reader for every command that takes or writes masks (``segment``'s labels,
 ``segment-eval``'s truth, ``select --annotated``, ``predict``'s output), so a mask one command
-accepts no other refuses.
+accepts no other refuses; they are written with :func:`simclr_path.runtime.files.write_png`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import cv2
 import numpy as np
@@ -49,25 +48,3 @@ def mask_downsample(path: str, shape: tuple[int, int], slide: str, width: int, h
             "shape at level 0 or at one downsample (--mask-downsample)"
         )
     return downsample
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    """Write a uint8 image (H, W) one-channel or (H, W, 3) RGB as a PNG, atomically (temporary file, rename)."""
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise SimclrPathError(f"{path}: the PNG could not be encoded (image {image.shape}); too large for PNG? "
-                              "use a larger --downsample")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encoded.tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise SimclrPathError(f"{path}: cannot write the PNG ({exc.strerror or exc}); choose a folder you can write")\
-            from None

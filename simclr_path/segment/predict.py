@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -40,9 +39,10 @@ from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
 from simclr_path.segment.infer import predict_patches
-from simclr_path.segment.masks import IGNORE, write_png
+from simclr_path.runtime.files import write_png
+from simclr_path.segment.masks import IGNORE
 from simclr_path.segment.model import check_store_resolution, load_segment_run
-from simclr_path.store.reader import PatchStore, PatchSubset
+from simclr_path.store.reader import PatchStore, PatchSubset, output_name
 
 UNCOVERED = IGNORE
 
@@ -89,13 +89,7 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
     for path, store in zip(stores, opened):
         for name, start, end in store.slide_ranges():
             _check_geometry(store, name, path)
-            stem = name
-            if stem in used:
-                stem = base = f"{name}-{Path(path).stem}"
-                k = 2
-                while stem in used:
-                    stem, k = f"{base}-{k}", k + 1
-            used.add(stem)
+            stem = output_name(name, path, used)
             plan.append((store, name, start, end, stem))
     model, meta = load_segment_run(run, resolved)
     for store in opened:

@@ -31,7 +31,7 @@ from simclr_path.annotations.geojson import (
     ANNOTATE_NEXT, ANNOTATE_NEXT_COLOR, annotation_feature, read_annotations, write_geojson,
 )
 from simclr_path.errors import SimclrPathError
-from simclr_path.segment.masks import write_png
+from simclr_path.runtime.files import write_png
 from simclr_path.selection.regions import Regions, SlideGrid, slide_coords
 from simclr_path.store import PatchStore
 from simclr_path.store.format import SLIDES, open_h5

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import PatchStore
+from simclr_path.store.reader import output_name
 from simclr_path.store.format import SLIDES, open_h5
 
 
@@ -166,13 +166,7 @@ def _slide_grids(store: PatchStore):
                 if (coords < 0).any() or not scale > 0:
                     raise SimclrPathError(f"{path}: slide {name} has no slide coordinates (an ingested image "
                                           "folder?); select regions in stores made by 'simclr-path tile'")
-                file_name = name
-                if file_name in used:
-                    file_name = base = f"{name}-{Path(path).stem}"
-                    k = 2
-                    while file_name in used:
-                        file_name, k = f"{base}-{k}", k + 1
-                used.add(file_name)
+                file_name = output_name(name, path, used)
                 mpp = float(group.attrs.get("level0_mpp", math.nan))
                 grid = SlideGrid(name=name, file_name=file_name, store=path, start=start, end=end,
                                  width=int(group.attrs.get("width", 0)), height=int(group.attrs.get("height", 0)),

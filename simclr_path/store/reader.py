@@ -175,6 +175,20 @@ class PatchSubset:
         return self.store[self.indices[i]]
 
 
+def output_name(name: str, store_path: str, used: set[str]) -> str:
+    """File stem for the outputs of slide ``name`` of the store at ``store_path`` (``embed``,
+    ``select``, ``predict``): the name, or ``<name>-<store file stem>`` (then ``-2``, ``-3``...)
+    when a slide of an earlier store took it. The stem is added to ``used``."""
+    stem = name
+    if stem in used:
+        stem = base = f"{name}-{os.path.splitext(os.path.basename(store_path))[0]}"
+        k = 2
+        while stem in used:
+            stem, k = f"{base}-{k}", k + 1
+    used.add(stem)
+    return stem
+
+
 def _listed(f: h5py.File) -> list[str]:
     """Names of the complete slides (``/_staging`` holds the others and is never read)."""
     names = list(f[SLIDES].keys())
