@@ -37,6 +37,8 @@ Examples:
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (the schedule still spans --epochs).")
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX) [default: on].")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to runs/NAME/tensorboard.")
 @click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes, NCCL).")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine; with --device cpu uses gloo.")
@@ -49,7 +51,7 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
 def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, backbone, pretrained,
-             workers, device, seed, max_steps, checkpoint_every, compile_, tensorboard, gpus, nproc, chunk,
+             workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc, chunk,
              eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
@@ -75,7 +77,7 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, mixed_mpp=mixed_mpp,
                           allow_config_change=allow_config_change, backbone=backbone,
                           pretrained=pretrained, workers=workers, device=device, seed=seed,
-                          max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_,
+                          max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
     cfg = apply_view_options(cfg, **views)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)

@@ -68,7 +68,7 @@ class RunConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     workers: int = 4
     seed: int = 0
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     tensorboard: bool = False
@@ -198,7 +198,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
-        "mixed_mpp": "run", "allow_config_change": "run",
+        "mixed_mpp": "run", "allow_config_change": "run", "bf16": "run",
     }
     for key, value in overrides.items():
         if value is None:

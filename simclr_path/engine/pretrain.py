@@ -46,7 +46,7 @@ from simclr_path.models import SimCLRModel, check_backbone_name
 from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
 from simclr_path.runtime import distributed
 from simclr_path.runtime.console import log
-from simclr_path.runtime.device import resolve_device
+from simclr_path.runtime.device import native_bf16, resolve_device
 from simclr_path.store.format import jsonable
 from simclr_path.store.reader import PatchStore
 
@@ -81,6 +81,11 @@ class Run:
     unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
     stop: StopOnSigterm = field(default_factory=StopOnSigterm)  # SIGTERM seen by this process
     stop_agreed: bool = False  # the ranks agreed at a sync step that one of them saw SIGTERM
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 autocast this run: asked for (``run.bf16``) and native on the device."""
+        return bool(self.cfg.run.bf16) and native_bf16(self.device)
 
     @property
     def checkpoint_path(self) -> str:
@@ -147,7 +152,7 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
     ``run.last_step`` optimiser steps are done, or until SIGTERM asks to stop."""
     cfg, state = run.cfg, run.state
     run.train_model.train()
-    use_amp = cfg.run.bf16 and run.device.type == "cuda"
+    use_amp = run.bf16
     since, images = time.perf_counter(), 0
     for batch in itertools.islice(batches, run.steps_per_epoch - state.batch_in_epoch):
         views = model_input(batch, run)
@@ -406,7 +411,7 @@ def describe(run: Run) -> str:
     return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
             f"{cfg.optim.global_batch} = {run.world} x {run.per_rank_batch}: "
             f"{run.loss_fn.negatives_per_anchor(cfg.optim.global_batch)} negatives per anchor, "
-            f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}"
+            f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}, {'bf16 autocast' if run.bf16 else 'fp32'}"
             + (f", gradient cache in chunks of {run.chunk} views" if run.chunk else "")
             + (f", resuming at step {run.state.step}" if run.state.step else ""))
 
@@ -419,6 +424,7 @@ def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
         "checkpoint": os.path.abspath(run.checkpoint_path),
         "backbone": cfg.model.backbone,
         "device": str(run.device),
+        "bf16": run.bf16,
         "world_size": run.world,
         "global_batch": cfg.optim.global_batch,
         "negatives_per_anchor": run.loss_fn.negatives_per_anchor(cfg.optim.global_batch),
