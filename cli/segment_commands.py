@@ -26,6 +26,8 @@ Examples:
 @click.option("--ssl", type=click.Choice(["none", "fixmatch"]), default="none", show_default=True,
               help="fixmatch: also learn from unlabelled patches (confident EMA-teacher pseudo-labels).")
 @click.option("--threshold", type=float, default=0.95, show_default=True, help="FixMatch pseudo-label confidence.")
+@click.option("--cutmix", type=float, default=0.5, show_default=True,
+              help="FixMatch: probability of pasting a rectangle of another unlabelled patch into a strong view.")
 @click.option("--unlabeled-ratio", type=float, default=1.0, show_default=True, help="Unlabelled per labelled patch in a step.")
 @click.option("--ema", type=float, default=0.99, show_default=True, help="Decay of the teacher's moving average.")
 @click.option("--rampup", type=float, default=0.2, show_default=True,
@@ -47,7 +49,7 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled_ratio, ema, rampup, batch, epochs,
+def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, unlabeled_ratio, ema, rampup, batch, epochs,
             steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers, seed,
             checkpoint_every, log_every, quiet):
     """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
@@ -66,7 +68,7 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, unlabeled
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
         epochs=30 if epochs is None else epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
         encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
-        ssl=ssl, threshold=threshold, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
+        ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
     )
     _echo_json(train_segmentation(list(stores), labels_dir, out, cfg, progress=not quiet))

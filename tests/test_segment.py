@@ -12,7 +12,8 @@ from cli_helpers import assert_error, one_json, run_cli
 from segment_helpers import export_random_encoder, gland_image, tile_images, write_gland_images
 from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.segment.config import SegmentConfig
-from simclr_path.segment.data import LABELLED, UNLABELLED, SegmentationSamples, StepBatches
+from simclr_path.segment.data import (CUTMIX_AREA, LABELLED, UNLABELLED, SegmentationSamples, StepBatches, cutmix_boxes,
+                                      paste_neighbours)
 from simclr_path.segment.labels import IGNORE, load_labels
 from simclr_path.store import PatchStore
 
@@ -132,6 +133,31 @@ def test_batches_are_a_function_of_seed_and_step():
     assert sorted(first_epoch) == list(range(10))  # each labelled patch once per pass
     assert all(k[0] == UNLABELLED and k[1] >= 10 for step in full for k in step[4:])
     assert list(StepBatches(labelled, unlabelled, 4, 8, 1, 0, 9)) != full
+
+
+def test_cutmix_pastes_a_rectangle_of_the_neighbour_and_its_pseudo_labels_move_with_it():
+    boxes = [cutmix_boxes(8, 32, 0.5, seed=3, step=step) for step in range(200)]
+    assert all(torch.equal(b, cutmix_boxes(8, 32, 0.5, seed=3, step=i)) for i, b in enumerate(boxes[:5]))
+    assert not torch.equal(boxes[0], cutmix_boxes(8, 32, 0.5, seed=4, step=0))
+    areas = torch.stack(boxes).float().mean((2, 3)).flatten()
+    mixed = areas[areas > 0]
+    assert abs(len(mixed) / len(areas) - 0.5) < 0.05  # each patch mixed at the configured rate
+    assert mixed.min() >= CUTMIX_AREA[0] * 0.7 and mixed.max() <= CUTMIX_AREA[1] * 1.3  # rounding at 32 px
+    for box in torch.stack(boxes).flatten(0, 1)[areas > 0][:50]:  # one axis-aligned rectangle
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and box.sum() == len(rows) * len(cols)
+    assert not cutmix_boxes(8, 32, 0.0, 0, 0).any() and not cutmix_boxes(1, 32, 1.0, 0, 0).any()
+
+    # images carry their patch number in every pixel; pseudo-labels and confidence too
+    n = 6
+    pasted = cutmix_boxes(n, 16, 1.0, seed=0, step=0)
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 16, 16)
+    labels = torch.arange(n).view(n, 1, 1).expand(n, 16, 16)
+    confident = (torch.arange(n) % 2 == 0).view(n, 1, 1).expand(n, 16, 16)
+    images, labels, confident = paste_neighbours(pasted, images, labels, confident)
+    source = torch.where(pasted, (torch.arange(n).view(n, 1, 1) - 1) % n, torch.arange(n).view(n, 1, 1))
+    assert torch.equal(labels, source) and all(torch.equal(images[:, c].long(), source) for c in range(3))
+    assert torch.equal(confident, source % 2 == 0)
 
 
 def _train(glands, tmp_path, out, names=("img0", "img1"), **overrides):

@@ -13,7 +13,7 @@ from simclr_path.errors import SimclrPathError
 RANDOM_INIT_PREFIX = "timm:"
 #: Settings that define the run; a resume with any of them changed is refused.
 FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
-                   "rampup", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps",
+                   "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps",
                    "mask_downsample")
 
 
@@ -40,6 +40,8 @@ class SegmentConfig:
         rampup: fraction of the schedule over which the unsupervised loss weight rises linearly
             from 0 to 1 (default 0.2), so the teacher's first, untrained guesses are not learnt.
         unlabeled_ratio: unlabelled patches per labelled patch in a step (default 1).
+        cutmix: probability that a FixMatch strong view gets a rectangle of another unlabelled
+            patch pasted in, with the teacher's pseudo-labels moved along (default 0.5; 0: off).
         ema: decay of the teacher's exponential moving average of the student (default 0.99).
         mask_downsample: level-0 px per mask px of the label masks (None: inferred from mask size).
         seed, device, workers, log_every, checkpoint_every: as in ``pretrain``.
@@ -60,6 +62,7 @@ class SegmentConfig:
     threshold: float = 0.95
     rampup: float = 0.2
     unlabeled_ratio: float = 1.0
+    cutmix: float = 0.5
     ema: float = 0.99
     mask_downsample: float | None = None
     seed: int = 0
@@ -81,6 +84,7 @@ class SegmentConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.ssl in ("none", "fixmatch"), f"--ssl must be none or fixmatch, got {self.ssl!r}"),
             (0 < self.threshold < 1, f"--threshold is a probability in (0, 1), got {self.threshold}"),
+            (0 <= self.cutmix <= 1, f"--cutmix is a probability in [0, 1], got {self.cutmix}"),
             (self.unlabeled_ratio >= 0, f"--unlabeled-ratio must be >= 0, got {self.unlabeled_ratio}"),
             (0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),

@@ -10,12 +10,17 @@ Views (albumentations):
 * weak: flips and 90-degree rotations, applied to image and mask alike (tissue has no up or down);
 * strong (FixMatch's student view of an unlabelled patch): the weak view's geometry plus H&E stain,
   colour jitter, grayscale and blur - photometric only, so the teacher's pseudo-label of the weak
-  view lines up pixel for pixel with the strong view.
+  view lines up pixel for pixel with the strong view;
+* CutMix of strong views (French et al. 2020, "Semi-supervised semantic segmentation needs strong,
+  varied perturbations"): :func:`cutmix_boxes` draws, per step, which unlabelled patches get a
+  rectangle pasted from their neighbour in the batch; the training step moves the teacher's
+  pseudo-labels with the pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -44,6 +49,43 @@ def strong_transform(image_size: int) -> A.Compose:
         A.ToGray(num_output_channels=3, p=0.2),
         A.GaussianBlur(blur_limit=(kernel, kernel), sigma_limit=(0.1, 2.0), p=0.5),
     ])
+
+
+#: Area of a CutMix rectangle, as a fraction of the patch, and its aspect ratio (height / width).
+CUTMIX_AREA = (0.1, 0.5)
+CUTMIX_ASPECT = (0.3, 1 / 0.3)
+
+
+def cutmix_boxes(count: int, size: int, p: float, seed: int, step: int) -> torch.Tensor:
+    """(count, size, size) bool: True where unlabelled patch i shows patch i - 1 of the batch (cyclic).
+
+    Each patch gets a rectangle with probability ``p`` (area in :data:`CUTMIX_AREA`, log-uniform
+    aspect in :data:`CUTMIX_ASPECT`, anywhere inside the patch); a pure function of (seed, step),
+    so a resumed run mixes exactly as an uninterrupted one.
+    """
+    digest = hashlib.blake2b(f"cutmix:{seed}:{step}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    boxes = np.zeros((count, size, size), dtype=bool)
+    for i in range(count):
+        if count < 2 or rng.random() >= p:
+            continue
+        area = rng.uniform(*CUTMIX_AREA) * size * size
+        aspect = math.exp(rng.uniform(math.log(CUTMIX_ASPECT[0]), math.log(CUTMIX_ASPECT[1])))
+        h = min(size, max(1, int(round(math.sqrt(area * aspect)))))
+        w = min(size, max(1, int(round(math.sqrt(area / aspect)))))
+        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        boxes[i, y:y + h, x:x + w] = True
+    return torch.from_numpy(boxes)
+
+
+def paste_neighbours(pasted: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``tensors`` ((N, H, W) or (N, C, H, W)) with patch i - 1's values where ``pasted[i]``
+    (from :func:`cutmix_boxes`) is True: images, pseudo-labels and confidences move together."""
+    out = []
+    for tensor in tensors:
+        where = pasted.view(pasted.shape[0], *([1] * (tensor.dim() - 3)), *pasted.shape[1:])
+        out.append(torch.where(where, tensor.roll(1, 0), tensor))
+    return out
 
 
 def sample_seed(seed: int, step: int, slot: int) -> int:

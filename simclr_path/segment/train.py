@@ -4,7 +4,8 @@ The supervised loss is cross-entropy on labelled pixels only (255 = unlabelled).
 ``ssl="fixmatch"`` (Sohn et al. 2020, applied per pixel as in Lai et al. 2021): an EMA teacher
 predicts the weak view of each unlabelled patch; where its softmax probability reaches
 ``threshold`` the argmax becomes the pseudo-label, and the student's prediction of the strong view
-(same geometry, photometric changes) must match it. The unsupervised loss is averaged over all
+(same geometry, photometric changes, and with ``cutmix`` a rectangle pasted from another
+unlabelled patch, its pseudo-labels moved with it) must match it. The unsupervised loss is averaged over all
 unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to 1 over the first
 ``rampup`` of the schedule (the teacher starts as an untrained decoder). Inference uses the teacher.
 
@@ -36,10 +37,10 @@ from simclr_path.engine.state import StopOnSigterm
 from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.optim.schedule import build_scheduler
 from simclr_path.runtime.console import log, stderr_console
-from simclr_path.runtime.device import resolve_device
+from simclr_path.runtime.device import native_bf16, resolve_device
 from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, read_segment_checkpoint
 from simclr_path.segment.config import FIXED_ON_RESUME, RANDOM_INIT_PREFIX, SegmentConfig, save_segment_config
-from simclr_path.segment.data import SegmentationSamples, StepBatches, collate
+from simclr_path.segment.data import SegmentationSamples, StepBatches, collate, cutmix_boxes, paste_neighbours
 from simclr_path.segment.labels import IGNORE, LabelSet, load_labels
 from simclr_path.segment.model import build_unet, check_image_size, matched_image_size, unet_from_encoder
 from simclr_path.store import PatchStore
@@ -231,7 +232,7 @@ def train_step(run: SegmentRun, batch) -> dict:
     images, masks, weak, strong = batch
     cfg, device = run.cfg, run.device
     masks = masks.to(device, non_blocking=True).long()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
     x = model_input(images, run)
     pseudo = confident = None
     if weak is not None:
@@ -239,7 +240,11 @@ def train_step(run: SegmentRun, batch) -> dict:
             probs = run.teacher(model_input(weak, run)).float().softmax(1)
         confidence, pseudo = probs.max(1)
         confident = confidence >= cfg.threshold
-        x = torch.cat([x, model_input(strong, run)])
+        strong_x = model_input(strong, run)
+        if cfg.cutmix > 0:
+            pasted = cutmix_boxes(len(strong), strong_x.shape[-1], cfg.cutmix, cfg.seed, run.step).to(device)
+            strong_x, pseudo, confident = paste_neighbours(pasted, strong_x, pseudo, confident)
+        x = torch.cat([x, strong_x])
     with torch.autocast(**autocast):
         logits = run.model(x).float()
     n = len(images)
