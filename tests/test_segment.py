@@ -215,6 +215,27 @@ def test_pseudo_labels_only_where_the_teacher_is_confident(glands, tmp_path):
         assert record["loss"] == pytest.approx(record["sup_loss"] + record["weight"] * record["unsup_loss"], abs=1e-5)
 
 
+def test_a_run_saved_before_cutmix_reads_as_trained_without_it():
+    old = SegmentConfig(encoder="e.pt", ssl="fixmatch").as_dict()
+    del old["cutmix"]
+    assert SegmentConfig.from_dict(old).cutmix == 0.0  # so resuming it with --cutmix 0.5 is refused as a change
+
+
+def test_strong_views_leave_the_running_statistics_to_the_labelled_images(glands, tmp_path):
+    """After a step, the student's batch-norm running statistics are the ones a supervised-only run
+    has: strong views (stain, colour, CutMix) normalise themselves but never shift what the teacher
+    and inference normalise with."""
+    _train(glands, tmp_path, tmp_path / "sup", max_steps=1, ssl="none")
+    _train(glands, tmp_path, tmp_path / "fix", max_steps=1, ssl="fixmatch")
+    sup = torch.load(tmp_path / "sup" / "checkpoint.pt", weights_only=True)["model"]
+    fix = torch.load(tmp_path / "fix" / "checkpoint.pt", weights_only=True)["model"]
+    keys = [k for k in sup if k.endswith(("running_mean", "running_var"))]
+    assert len(keys) > 10
+    for key in keys:
+        assert torch.allclose(sup[key], fix[key], atol=1e-6), key
+    assert any(not torch.equal(sup[k], fix[k]) for k in sup if k.endswith("weight"))  # the strong views did train
+
+
 def test_sigterm_checkpoints_and_the_same_command_resumes(glands, tmp_path, monkeypatch):
     import simclr_path.segment.train as train_module
 

@@ -16,6 +16,12 @@ FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabele
                    "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps",
                    "mask_downsample")
 
+#: Settings that shape only FixMatch training: a supervised-only run (``ssl: none``) ignores them.
+FIXMATCH_ONLY = ("threshold", "rampup", "cutmix", "unlabeled_ratio", "ema")
+
+#: Settings added after the first release, as runs saved before them trained (no CutMix).
+PREDATED = {"cutmix": 0.0}
+
 
 @dataclass
 class SegmentConfig:
@@ -111,8 +117,9 @@ class SegmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SegmentConfig":
+        """A saved config; a setting it predates reads as what such a run trained with."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{**PREDATED, **{k: v for k, v in data.items() if k in known}})
 
 
 def save_segment_config(cfg: SegmentConfig, path: str) -> None:

@@ -5,7 +5,9 @@ The supervised loss is cross-entropy on labelled pixels only (255 = unlabelled).
 predicts the weak view of each unlabelled patch; where its softmax probability reaches
 ``threshold`` the argmax becomes the pseudo-label, and the student's prediction of the strong view
 (same geometry, photometric changes, and with ``cutmix`` a rectangle pasted from another
-unlabelled patch, its pseudo-labels moved with it) must match it. The unsupervised loss is averaged over all
+unlabelled patch, its pseudo-labels moved with it) must match it. The strong views go through the
+student in a pass of their own whose batch norm leaves the running statistics alone, so the
+statistics inference uses are those of real images. The unsupervised loss is averaged over all
 unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to 1 over the first
 ``rampup`` of the schedule (the teacher starts as an untrained decoder). Inference uses the teacher.
 
@@ -16,6 +18,7 @@ function of (seed, step)); SIGTERM checkpoints and stops (exit 143); one JSON su
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -39,7 +42,8 @@ from simclr_path.optim.schedule import build_scheduler
 from simclr_path.runtime.console import log, stderr_console
 from simclr_path.runtime.device import native_bf16, resolve_device
 from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, read_segment_checkpoint
-from simclr_path.segment.config import FIXED_ON_RESUME, RANDOM_INIT_PREFIX, SegmentConfig, save_segment_config
+from simclr_path.segment.config import (FIXED_ON_RESUME, FIXMATCH_ONLY, RANDOM_INIT_PREFIX, SegmentConfig,
+                                        save_segment_config)
 from simclr_path.segment.data import SegmentationSamples, StepBatches, collate, cutmix_boxes, paste_neighbours
 from simclr_path.segment.labels import IGNORE, LabelSet, load_labels
 from simclr_path.segment.model import build_unet, check_image_size, matched_image_size, unet_from_encoder
@@ -203,7 +207,8 @@ def open_segment_folder(run: SegmentRun) -> None:
         return
     ckpt = read_segment_checkpoint(path)
     saved = SegmentConfig.from_dict(ckpt["config"])
-    changed = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(run.cfg, k)]
+    changed = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(run.cfg, k)
+               and not (k in FIXMATCH_ONLY and saved.ssl == run.cfg.ssl == "none")]
     if ckpt["meta"].get("encoder_sha256") != run.meta["encoder_sha256"]:
         changed.append("encoder file contents")
     if ckpt["meta"].get("data_key") != run.meta["data_key"]:
@@ -244,17 +249,18 @@ def train_step(run: SegmentRun, batch) -> dict:
         if cfg.cutmix > 0:
             pasted = cutmix_boxes(len(strong), strong_x.shape[-1], cfg.cutmix, cfg.seed, run.step).to(device)
             strong_x, pseudo, confident = paste_neighbours(pasted, strong_x, pseudo, confident)
-        x = torch.cat([x, strong_x])
     with torch.autocast(**autocast):
         logits = run.model(x).float()
-    n = len(images)
+        if pseudo is not None:  # its own pass: batch statistics of strong views only, running ones untouched
+            with running_stats_frozen(run.model):
+                strong_logits = run.model(strong_x).float()
     # mean over labelled pixels; 0 (not NaN) for a batch whose labels vanished in the resize to image_size
     labelled = (masks != IGNORE).sum().clamp(min=1)
-    sup = F.cross_entropy(logits[:n], masks, ignore_index=IGNORE, reduction="sum") / labelled
+    sup = F.cross_entropy(logits, masks, ignore_index=IGNORE, reduction="sum") / labelled
     losses = {"sup_loss": sup}
     loss = sup
     if pseudo is not None:
-        per_pixel = F.cross_entropy(logits[n:], pseudo, reduction="none")
+        per_pixel = F.cross_entropy(strong_logits, pseudo, reduction="none")
         unsup = (per_pixel * confident).mean()
         loss = loss + unsup_weight(run) * unsup
         losses.update(unsup_loss=unsup, confident=confident.float().mean())
@@ -272,6 +278,25 @@ def train_step(run: SegmentRun, batch) -> dict:
         update_teacher(run.teacher, run.model, cfg.ema)
     losses["loss"] = loss
     return {k: v.detach() for k, v in losses.items()}
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: torch.nn.Module):
+    """Batch norm layers still normalise with the batch's own statistics but leave their running
+    statistics (and their batch count) - what the teacher and inference normalise with - alone.
+
+    FixMatch's strong views (stain, colour, grayscale, CutMix) are not the images the network will
+    be shown; mixed into the running statistics they shifted every prediction the teacher made.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # in training mode: batch statistics, nothing recorded
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 def unsup_weight(run: SegmentRun) -> float:
