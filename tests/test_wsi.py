@@ -9,6 +9,7 @@ import openslide
 import pytest
 
 from simclr_path import PatchStore
+from simclr_path.errors import SimclrPathError
 from simclr_path.wsi.grid import TileSpec, plan_patches
 from simclr_path.wsi.slide import read_meta
 from simclr_path.wsi.tile_reader import read_patch_direct
@@ -264,6 +265,51 @@ def children(pid: int) -> list[int]:
             except (OSError, ValueError, IndexError):
                 pass
     return found
+
+
+def test_a_staging_area_left_damaged_by_a_kill_is_rebuilt_from_the_complete_slides(tmp_path, monkeypatch, capsys):
+    """kill -9 in the middle of an HDF5 metadata write can leave /_staging impossible to delete
+    ("addr overflow"); the next run rebuilds the store from its finished slides, no traceback."""
+    slides = [write_slide(tmp_path / f"s{i}.tif", tissue_image(1024, 768, seed=i), levels=1) for i in range(3)]
+    spec = TileSpec(target_mpp=0.25, patch_size=64, min_tissue=0.2)
+    reference, out = tmp_path / "reference.h5", tmp_path / "out.h5"
+    assert tile_slides(slides, str(reference), spec, workers=0).ok
+    assert tile_slides(slides[:2], str(out), spec, workers=0).ok
+    with h5py.File(out, "r+") as f:  # what the killed run was writing
+        f.require_group("_staging").create_group("s2").create_dataset("coords", data=np.zeros((5, 2)))
+
+    original, calls = h5py.Group.__delitem__, []
+
+    def damaged_once(self, name):
+        if name == "_staging":
+            calls.append(name)
+            if len(calls) == 1:
+                raise KeyError("Unable to synchronously delete object (addr overflow, addr = 4398, size = 328)")
+        original(self, name)
+
+    monkeypatch.setattr(h5py.Group, "__delitem__", damaged_once)
+    assert tile_slides(slides, str(out), spec, workers=0).ok
+    assert "rebuilt it from its 2 complete slide(s)" in capsys.readouterr().err
+    expected, got = read_all(reference), read_all(out)
+    assert got.keys() == expected.keys() == {"s0", "s1", "s2"}
+    for name in expected:
+        np.testing.assert_array_equal(got[name][0], expected[name][0])
+        assert got[name][1] == expected[name][1]
+    assert not list(tmp_path.glob("*.tmp"))
+
+    # copying the slides out fails too: one line, the store left as it was
+    with h5py.File(out, "r+") as f:
+        f.require_group("_staging").create_group("s9")
+    before = out.read_bytes()
+    calls.clear()
+
+    def copy_fails(*args, **kwargs):
+        raise RuntimeError("bad heap")
+
+    monkeypatch.setattr(h5py.Group, "copy", copy_fails)
+    with pytest.raises(SimclrPathError, match="move it aside and run tile again"):
+        tile_slides(slides, str(out), spec, workers=0)
+    assert out.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.slow

@@ -18,7 +18,21 @@ import numpy as np
 
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.console import log
 from simclr_path.store.format import FORMAT, SCHEMA_VERSION, SLIDES, SPEC_KEYS, STAGING, check_is_store, open_h5
+
+
+#: What HDF5 raises on metadata an interrupted writer left inconsistent ("addr overflow", bad heap).
+DAMAGE = (KeyError, RuntimeError, OSError, ValueError)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _same(a, b) -> bool:
@@ -45,9 +59,50 @@ class StoreWriter:
             self._create(spec_attrs)
         self.file = open_h5(self.path, "r+")
         if STAGING in self.file:  # left by an interrupted run
-            del self.file[STAGING]
+            try:
+                del self.file[STAGING]
+            except DAMAGE as exc:  # a kill -9 mid metadata write can leave it impossible to unlink
+                self._close_quietly()
+                self._rebuild(exc)
+                self.file = open_h5(self.path, "r+")
         self.file.require_group(STAGING)
         self.file.flush()
+
+    def _close_quietly(self) -> None:
+        try:
+            self.file.close()
+        except DAMAGE:
+            pass
+
+    def _rebuild(self, cause: Exception) -> None:
+        """Copy the store's complete slides into a fresh file and put it in place; what an interrupted
+        run left half-written (its staging area) is dropped and tiled again.
+
+        The old file stays open (HDF5's shared lock: no other writer can start) until the new one,
+        flushed to disk, has replaced it, so no slide another process commits can be lost.
+        """
+        tmp = f"{self.path}.rebuild.tmp"
+        with open_h5(self.path, "r", lock=True) as src:  # a lock conflict is its own one-line error
+            try:
+                with h5py.File(tmp, "w") as dst:
+                    for key, value in src.attrs.items():
+                        dst.attrs[key] = value
+                    dst.create_group(SLIDES)
+                    for name in src[SLIDES]:
+                        src.copy(src[SLIDES][name], dst[SLIDES], name=name)
+                    kept = len(dst[SLIDES])
+                _fsync(tmp)
+                os.replace(tmp, self.path)
+                _fsync(os.path.dirname(os.path.abspath(self.path)))
+            except DAMAGE as exc:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise SimclrPathError(
+                    f"{self.path}: damaged by an interrupted run ({cause}) and its finished slides cannot be copied "
+                    f"out ({exc}); move it aside and run tile again with a new --out"
+                ) from None
+        log(f"note: {self.path}: an interrupted run left its staging area damaged ({cause}); rebuilt it from its "
+            f"{kept} complete slide(s)")
 
     def _create(self, spec_attrs: dict) -> None:
         tmp = f"{self.path}.tmp"
