@@ -20,6 +20,18 @@ def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def fp32_training(monkeypatch):
+    """In-process training runs in fp32 whatever the CPU: bf16 autocast is native on some machines
+    (AVX512-BF16, AMX) and not on others, and test thresholds must not depend on which one CI gets.
+    The tests of the bf16 path patch it back."""
+    import simclr_path.engine.pretrain as pretrain_module
+    import simclr_path.segment.train as segment_module
+
+    monkeypatch.setattr(pretrain_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(segment_module, "native_bf16", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def real_slides():
     if not CMU.exists():

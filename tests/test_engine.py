@@ -339,6 +339,41 @@ def test_pretrain_shuffles_the_gradient_cache_views_differently_every_step(real_
 
 
 
+@pytest.mark.parametrize("asked,native", [(True, True), (True, False), (False, True)])
+def test_bf16_autocast_runs_when_asked_and_native_to_the_device(real_store, tmp_path, monkeypatch, asked, native):
+    """CPUs without AVX512-BF16/AMX would emulate bf16 (slower than fp32): they train in fp32."""
+    from simclr_path.engine import pretrain as train
+
+    used = []
+    real = train.loss_and_backward
+
+    def recording(model, views, loss_fn, use_amp):
+        used.append(use_amp)
+        return real(model, views, loss_fn, use_amp)
+
+    monkeypatch.setattr(train, "loss_and_backward", recording)
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
+    cfg = tiny_config(max_steps=2)
+    cfg.run.bf16 = asked
+    summary = pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
+    assert used == [asked and native] * 2 and summary["bf16"] is (asked and native)
+
+
+def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
+    import torch
+
+    from simclr_path.runtime.device import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16(torch.device("cpu"))
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not native_bf16(torch.device("cpu"))  # a torch without the probe: fp32
+    assert native_bf16(torch.device("cuda"))
+
+
 def test_a_setting_an_older_checkpoint_lacks_counts_as_its_default():
     """A checkpoint from before views.light_p trained with light_p 0: resuming it at 0.5 is a change."""
     from simclr_path.engine.config import changed_settings
