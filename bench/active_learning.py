@@ -15,7 +15,8 @@ commands make (``tile``, ``pretrain``/``export`` as subprocesses; ``select``, ``
    cold start), reveals their masks, trains ``segment`` (supervised, our encoder) for
    ``--steps`` steps and scores it on testA + testB (80 images) with ``segment-eval``.
 4. Extra rows at chosen fractions: FixMatch against supervised-only (same labels: kcenter's;
-   ``--fixmatch-at 5 10``),
+   ``--fixmatch-at 5 10``), both trained afresh for each of ``--ssl-seeds`` (default 0 1 2: one
+   seed's runs differ by several Dice points on CPU), with the mean and the paired difference,
    random-init encoder (``timm:resnet18``) against ours, and 100% labelled (full masks).
 
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
@@ -143,12 +144,13 @@ def labelled_fraction(labels_dir: Path, masks: Path, names: list[str]) -> float:
     return labelled / total
 
 
-def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none") -> dict:
+def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none",
+                    seed: int | None = None) -> dict:
     """``segment`` for about ``args.steps`` steps, then ``segment-eval`` on testA + testB."""
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, steps=args.steps, ssl=ssl,
-                            workers=args.workers, seed=args.seed, log_every=50, checkpoint_every=10_000,
-                            device=args.device)
+                            workers=args.workers, seed=args.seed if seed is None else seed, log_every=50,
+                            checkpoint_every=10_000, device=args.device)
         started = time.perf_counter()
         trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
         seconds = time.perf_counter() - started
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1, 2, 5, 10, 20])
     parser.add_argument("--strategies", nargs="+", default=["random", "kcenter", "hybrid"])
     parser.add_argument("--fixmatch-at", type=float, nargs="*", default=[5, 10])
+    parser.add_argument("--ssl-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the FixMatch vs supervised-only pairs (--fixmatch-at)")
     parser.add_argument("--random-init-at", type=float, nargs="*", default=[10])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
@@ -222,6 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.fractions, args.steps, args.fixmatch_at, args.random_init_at = [5, 20], 20, [5], [5]
+        args.ssl_seeds = [0]
         args.work = str(Path(args.work) / "quick")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -241,13 +246,17 @@ def main() -> None:
     for strategy in args.strategies:
         rows += active_learning(work, data, enc, strategy, args, total_regions)
     reference = "kcenter" if "kcenter" in args.strategies else args.strategies[0]
-    for fraction in args.fixmatch_at:
+    for fraction in args.fixmatch_at:  # FixMatch against supervised-only on the same labels, seed by seed
         labels_dir = work / reference / f"{fraction:g}pct" / "labels"
-        score = train_and_score(work / reference / f"{fraction:g}pct" / "fixmatch", str(enc), data, labels_dir, args,
-                                ssl="fixmatch")
-        rows.append({"strategy": reference, "ssl": "fixmatch", "init": "simclr", "target_pct": fraction,
-                     "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),
-                     "regions": regions_for(fraction, total_regions), **score})
+        for seed in args.ssl_seeds:
+            for ssl in ("none", "fixmatch"):
+                score = train_and_score(work / reference / f"{fraction:g}pct" / f"ssl-{ssl}-s{seed}", str(enc), data,
+                                        labels_dir, args, ssl=ssl, seed=seed)
+                rows.append({"strategy": reference, "ssl": ssl, "init": "simclr", "target_pct": fraction,
+                             "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),
+                             "regions": regions_for(fraction, total_regions), "seed": seed, "comparison": "ssl",
+                             **score})
+                log(f"{reference} {fraction:g}% {ssl} seed {seed}: Dice {score['dice']:.4f} ({score['train_s']:.0f} s)")
     for fraction in args.random_init_at:
         labels_dir = work / reference / f"{fraction:g}pct" / "labels"
         score = train_and_score(work / reference / f"{fraction:g}pct" / "random_init", "timm:resnet18", data,
@@ -261,6 +270,7 @@ def main() -> None:
                      "regions": total_regions, **score})
 
     print_table(rows)
+    print_ssl_pairs(rows)
     (work / "active_learning.json").write_text(json.dumps({"args": vars(args), "rows": rows,
                                                            "seconds": round(time.perf_counter() - started)}, indent=1))
     plot(rows, work / "active_learning.png")
@@ -273,9 +283,30 @@ def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['strategy']} | {r['ssl']} | {r['init']} | {r['target_pct']:g} | {r['labelled_pct']:.2f} | "
+        strategy = r["strategy"] + (f" (seed {r['seed']})" if "seed" in r else "")
+        print(f"| {strategy} | {r['ssl']} | {r['init']} | {r['target_pct']:g} | {r['labelled_pct']:.2f} | "
               f"{r['regions']} | {r['labelled_patches']} | {r['steps']} | {r['train_s']:.0f} | {r['dice']:.4f} | "
               f"{r['dice_pooled']:.4f} |")
+
+
+def print_ssl_pairs(rows: list[dict]) -> None:
+    """FixMatch against supervised-only on the same labels: per seed, mean, and the paired difference."""
+    pairs = [r for r in rows if r.get("comparison") == "ssl"]
+    for fraction in sorted({r["target_pct"] for r in pairs}):
+        by_seed = {}
+        for r in pairs:
+            if r["target_pct"] == fraction:
+                by_seed.setdefault(r["seed"], {})[r["ssl"]] = r["dice"]
+        seeds = sorted(s for s, v in by_seed.items() if len(v) == 2)
+        if not seeds:
+            continue
+        sup = np.array([by_seed[s]["none"] for s in seeds])
+        fix = np.array([by_seed[s]["fixmatch"] for s in seeds])
+        diff = fix - sup
+        spread = lambda a: f" ± {a.std(ddof=1):.4f}" if len(a) > 1 else ""  # noqa: E731
+        print(f"\n{fraction:g}% labelled, seeds {seeds}: supervised {sup.mean():.4f}{spread(sup)}, "
+              f"fixmatch {fix.mean():.4f}{spread(fix)}, fixmatch - supervised {diff.mean():+.4f}{spread(diff)} "
+              f"(per seed: {', '.join(f'{d:+.4f}' for d in diff)})")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -287,7 +318,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     curves = {}
     for r in rows:
-        if r["ssl"] == "none" and r["init"] == "simclr" and r["strategy"] != "all":
+        if r["ssl"] == "none" and r["init"] == "simclr" and r["strategy"] != "all" and "comparison" not in r:
             curves.setdefault(r["strategy"], []).append((r["labelled_pct"], r["dice"]))
     for name, points in curves.items():
         xs, ys = zip(*sorted(points))
