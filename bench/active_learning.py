@@ -149,7 +149,7 @@ def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, a
     """``segment`` for about ``args.steps`` steps, then ``segment-eval`` on testA + testB."""
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, steps=args.steps, ssl=ssl,
-                            workers=args.workers, seed=args.seed if seed is None else seed, log_every=50,
+                            threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed, log_every=50,
                             checkpoint_every=10_000, device=args.device)
         started = time.perf_counter()
         trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--fixmatch-at", type=float, nargs="*", default=[5, 10])
     parser.add_argument("--ssl-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the FixMatch vs supervised-only pairs (--fixmatch-at)")
+    parser.add_argument("--threshold", type=float, default=0.95, help="FixMatch confidence threshold (segment --threshold)")
     parser.add_argument("--random-init-at", type=float, nargs="*", default=[10])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
@@ -250,7 +251,8 @@ def main() -> None:
         labels_dir = work / reference / f"{fraction:g}pct" / "labels"
         for seed in args.ssl_seeds:
             for ssl in ("none", "fixmatch"):
-                score = train_and_score(work / reference / f"{fraction:g}pct" / f"ssl-{ssl}-s{seed}", str(enc), data,
+                name = f"ssl-{ssl}-s{seed}" + (f"-t{args.threshold:g}" if ssl == "fixmatch" and args.threshold != 0.95 else "")
+                score = train_and_score(work / reference / f"{fraction:g}pct" / name, str(enc), data,
                                         labels_dir, args, ssl=ssl, seed=seed)
                 rows.append({"strategy": reference, "ssl": ssl, "init": "simclr", "target_pct": fraction,
                              "labelled_pct": round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2),

@@ -375,6 +375,7 @@ def train_segmentation(stores: list[str], labels_dir: str, out: str, cfg: Segmen
         "classes": run.meta["classes"],
         "ssl": cfg.ssl,
         "device": str(run.device),
+        "bf16": native_bf16(run.device),
         "image_size": cfg.image_size,
         "input_mpp": run.meta["input_mpp"],
         "labelled_patches": run.meta["labelled_patches"],
