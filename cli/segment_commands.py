@@ -49,9 +49,9 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, unlabeled_ratio, ema, rampup, batch, epochs,
-            steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers, seed,
-            checkpoint_every, log_every, quiet):
+def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, unlabeled_ratio, ema, rampup, batch,
+            epochs, steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers,
+            seed, checkpoint_every, log_every, quiet):
     """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
     on the labelled areas of STORES, and with --ssl fixmatch on the unlabelled rest too.
 
@@ -68,7 +68,8 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, u
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
         epochs=30 if epochs is None else epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
         encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
-        ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema, mask_downsample=mask_downsample,
+        ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema,
+        mask_downsample=mask_downsample,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
     )
     _echo_json(train_segmentation(list(stores), labels_dir, out, cfg, progress=not quiet))

@@ -13,8 +13,8 @@ from simclr_path.errors import SimclrPathError
 RANDOM_INIT_PREFIX = "timm:"
 #: Settings that define the run; a resume with any of them changed is refused.
 FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
-                   "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed", "warmup_steps",
-                   "mask_downsample")
+                   "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed",
+                   "warmup_steps", "mask_downsample")
 
 #: Settings that shape only FixMatch training: a supervised-only run (``ssl: none``) ignores them.
 FIXMATCH_ONLY = ("threshold", "rampup", "cutmix", "unlabeled_ratio", "ema")

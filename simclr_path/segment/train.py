@@ -68,6 +68,7 @@ class SegmentRun:
     device: torch.device
     total_steps: int
     schedule_steps: int
+    bf16: bool = False  # bf16 autocast: native on the device (decided once, at build)
     step: int = 0
     stop: StopOnSigterm | None = None
     records: list = field(default_factory=list)
@@ -181,7 +182,7 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     }
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
-                      device=device, total_steps=total, schedule_steps=schedule)
+                      device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device))
 
 
 def data_key(store: PatchStore, labels: LabelSet) -> str:
@@ -237,7 +238,7 @@ def train_step(run: SegmentRun, batch) -> dict:
     images, masks, weak, strong = batch
     cfg, device = run.cfg, run.device
     masks = masks.to(device, non_blocking=True).long()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=run.bf16)
     x = model_input(images, run)
     pseudo = confident = None
     if weak is not None:
@@ -375,7 +376,7 @@ def train_segmentation(stores: list[str], labels_dir: str, out: str, cfg: Segmen
         "classes": run.meta["classes"],
         "ssl": cfg.ssl,
         "device": str(run.device),
-        "bf16": native_bf16(run.device),
+        "bf16": run.bf16,
         "image_size": cfg.image_size,
         "input_mpp": run.meta["input_mpp"],
         "labelled_patches": run.meta["labelled_patches"],
