@@ -33,7 +33,9 @@ Examples:
 @click.option("--rampup", type=float, default=0.2, show_default=True,
               help="Fraction of the schedule over which the unsupervised loss weight rises from 0 to 1.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Labelled patches per step.")
-@click.option("--epochs", type=int, default=None, help="Passes over the labelled patches: the schedule [default: 30].")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the labelled patches: the schedule [default: 30; 90 with --ssl fixmatch, whose "
+                   "teacher needs the longer one].")
 @click.option("--steps", type=int, default=None, help="The schedule in steps instead of --epochs (a fixed budget).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the decoder.")
@@ -66,7 +68,7 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, u
 
     cfg = SegmentConfig(
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
-        epochs=30 if epochs is None else epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
+        epochs=epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
         encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
         ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema,
         mask_downsample=mask_downsample,

@@ -383,6 +383,38 @@ def test_steps_set_the_schedule_and_the_unsupervised_weight_ramps_up(glands, tmp
     assert_error(result, "--epochs or --steps")
 
 
+def test_fixmatch_defaults_to_a_longer_schedule_than_supervised_training(glands, tmp_path):
+    """FixMatch's teacher needs more steps to pay off than fine-tuning does: without --epochs or
+    --steps a new FixMatch run's schedule is FIXMATCH_EPOCHS passes over the labelled patches, and
+    config.yaml records the number."""
+    import yaml
+
+    from simclr_path.segment.config import FIXMATCH_EPOCHS, SUPERVISED_EPOCHS
+    from simclr_path.segment.train import build_segment_run
+
+    _, _, masks, store = glands
+    labels = labels_folder(tmp_path, masks, ["img0"])
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+    assert FIXMATCH_EPOCHS > SUPERVISED_EPOCHS
+    for ssl in ("none", "fixmatch"):
+        cfg = SegmentConfig(encoder=str(encoder), ssl=ssl, batch=4, image_size=32, workers=0)
+        run = build_segment_run([str(store)], str(labels), str(tmp_path / ssl), cfg)
+        per_epoch = -(-len(run.labelled) // 4)
+        assert run.schedule_steps == per_epoch * (FIXMATCH_EPOCHS if ssl == "fixmatch" else SUPERVISED_EPOCHS)
+    one_json(run_cli("segment", encoder, store, "--labels", labels, "--out", tmp_path / "cli", "--ssl", "fixmatch",
+                     "--image-size", "32", "--max-steps", "1", "--workers", "0", "-q"))
+    assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["epochs"] == FIXMATCH_EPOCHS
+
+
+def test_a_run_begun_with_the_old_schedule_resumes_without_epochs(glands, tmp_path):
+    """A FixMatch run started when every run defaulted to 30 epochs resumes with the same command
+    (no --epochs): it keeps the schedule it began with instead of being refused as changed."""
+    _train(glands, tmp_path, tmp_path / "run", max_steps=1, epochs=30)
+    resumed = _train(glands, tmp_path, tmp_path / "run", max_steps=2, epochs=None)
+    assert resumed["step"] == 2
+    assert SegmentConfig.from_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]).epochs == 30
+
+
 def test_a_proposed_square_exported_back_from_qupath_is_labelled_whole(glands, tmp_path):
     import json
 

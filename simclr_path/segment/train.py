@@ -43,7 +43,7 @@ from simclr_path.runtime.console import log, stderr_console
 from simclr_path.runtime.device import native_bf16, resolve_device
 from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, read_segment_checkpoint
 from simclr_path.segment.config import (FIXED_ON_RESUME, FIXMATCH_ONLY, RANDOM_INIT_PREFIX, SegmentConfig,
-                                        save_segment_config)
+                                        default_epochs, save_segment_config)
 from simclr_path.segment.data import SegmentationSamples, StepBatches, collate, cutmix_boxes, paste_neighbours
 from simclr_path.segment.labels import IGNORE, LabelSet, load_labels
 from simclr_path.segment.model import build_unet, check_image_size, matched_image_size, unet_from_encoder
@@ -149,6 +149,8 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     if cfg.ssl == "fixmatch":
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
+    if cfg.epochs is None:  # not given: as the run being resumed began (older runs: 30), else the default
+        cfg.epochs = saved_epochs(out) or default_epochs(cfg.ssl)
     # the schedule spans --epochs; --max-steps only stops early (as in pretrain), so it may change on resume
     schedule = cfg.steps or math.ceil(len(labelled) / cfg.batch) * cfg.epochs
     total = min(schedule, cfg.max_steps) if cfg.max_steps is not None else schedule
@@ -183,6 +185,13 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
                       device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device))
+
+
+def saved_epochs(out: str) -> int | None:
+    """``epochs`` of the run whose checkpoint is in ``out``, if there is one."""
+    if not os.path.exists(os.path.join(out, SEGMENT_CHECKPOINT)):
+        return None
+    return SegmentConfig.from_dict(read_segment_checkpoint(out)["config"]).epochs
 
 
 def data_key(store: PatchStore, labels: LabelSet) -> str:
