@@ -23,8 +23,9 @@ commands make (``tile``, ``pretrain``/``export`` as subprocesses; ``select``, ``
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
 over all test pixels (``overall``). Training runs compared with each other have the same budget:
 ``--steps`` optimiser steps of ``--batch`` labelled patches, except the FixMatch comparison, whose
-two arms both train for ``--ssl-steps`` (FixMatch adds as many unlabelled patches per step). FixMatch needs the longer
-schedule: its EMA teacher is confident (0.95) on under 20% of unlabelled pixels by step 400.
+two arms both train for ``--ssl-steps`` (FixMatch adds as many unlabelled patches per step).
+FixMatch needs the longer schedule: its EMA teacher is confident (0.95) on under 20% of
+unlabelled pixels by step 400.
 
 Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--ssl-steps 1000]
        [--fractions 1 2 5 10 20]
@@ -154,8 +155,8 @@ def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, a
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, ssl=ssl,
                             steps=args.steps if steps is None else steps,
-                            threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed, log_every=50,
-                            checkpoint_every=10_000, device=args.device)
+                            threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed,
+                            log_every=50, checkpoint_every=10_000, device=args.device)
         started = time.perf_counter()
         trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
         seconds = time.perf_counter() - started

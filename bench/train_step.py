@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,11 +149,14 @@ def main():
         print(f"{'pair':5} | {'step views/s':>12} | {'e2e views/s':>11} | {'ratio':>6}")
         print("-" * 45)
         ratios = []
-        for pair in range(args.repeats):
-            (t_step,) = time_steps([simclr_step], args.steps, 1, device)
-            rate = end_to_end(args)
-            ratios.append(rate / (n / t_step))
-            print(f"{pair + 1:5} | {n / t_step:12.1f} | {rate:11.1f} | {ratios[-1]:6.3f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.store is None:
+                args.store = default_store(tmp)  # tiled once for every pair
+            for pair in range(args.repeats):
+                (t_step,) = time_steps([simclr_step], args.steps, 1, device)
+                rate = end_to_end(args)
+                ratios.append(rate / (n / t_step))
+                print(f"{pair + 1:5} | {n / t_step:12.1f} | {rate:11.1f} | {ratios[-1]:6.3f}")
         print(f"\npretrain end to end / SimCLR step: median {statistics.median(ratios):.3f}x over {len(ratios)} pairs "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
@@ -160,13 +164,11 @@ def main():
 def end_to_end(args) -> float:
     """Views/s of pretrain() itself (loader + loop) after warm-up, same model and batch."""
     import json
-    import tempfile
 
     from simclr_path.engine.config import PretrainConfig
     from simclr_path.engine.pretrain import pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = args.store or default_store(tmp)
         cfg = PretrainConfig()
         cfg.model.backbone, cfg.model.channels_last, cfg.model.compile = args.backbone, args.channels_last, args.compile
         cfg.views.image_size = args.image_size
@@ -174,7 +176,7 @@ def end_to_end(args) -> float:
         cfg.optim.max_steps = args.warmup + args.steps
         cfg.run.device, cfg.run.workers, cfg.run.bf16 = args.device, args.workers, args.amp
         cfg.run.log_every, cfg.run.checkpoint_every = 5, 10**9  # the loop's own sync cadence
-        pretrain([store], f"{tmp}/run", cfg, progress=False)
+        pretrain([args.store], f"{tmp}/run", cfg, progress=False)
         with open(f"{tmp}/run/metrics.jsonl") as fh:
             records = [json.loads(line) for line in fh]
         records = [r for r in records if "img_per_s" in r]
