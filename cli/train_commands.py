@@ -29,6 +29,8 @@ Examples:
 @click.option("--temperature", type=float, default=None, help="NT-Xent temperature.")
 @click.option("--weight-decay", type=float, default=None, help="Weight decay of the weights (biases and norms get none).")
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up before the cosine decay, in epochs.")
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None,
+              help="LARS (SimCLR's; the presets) or momentum SGD, both without decay on biases and norms.")
 @click.option("--backbone", default=None, help="timm model name, e.g. resnet50.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local weights file for the backbone.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -50,8 +52,8 @@ Examples:
               help="Resume even though a training setting differs from the checkpoint's (recorded in the run folder).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
-def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, backbone, pretrained,
-             workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc, chunk,
+def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, backbone,
+             pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc, chunk,
              eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
@@ -74,7 +76,7 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
         except ValueError:
             raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, temperature=temperature,
-                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, mixed_mpp=mixed_mpp,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer, mixed_mpp=mixed_mpp,
                           allow_config_change=allow_config_change, backbone=backbone,
                           pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16,

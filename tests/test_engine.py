@@ -174,6 +174,20 @@ def test_pretrain_cli_prints_one_json_summary(real_store, tmp_path):
     assert saved.model.backbone == "resnet10t" and saved.views.image_size == 64
 
 
+def test_pretrain_optimizer_option_trains_with_sgd_and_refuses_others(real_store, tmp_path):
+    r = run_cli("pretrain", real_store, "--out", tmp_path / "run", *TINY_ARGS, "--optimizer", "sgd")
+    assert r.exit_code == 0, r.stderr
+    assert load_config(str(tmp_path / "run" / "config.yaml")).optim.optimizer == "sgd"
+    groups = load_checkpoint(os.path.join(tmp_path / "run", "checkpoint.pt"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-6, 0.0] and all("trust_coeff" not in g for g in groups)
+    r = run_cli("pretrain", real_store, "--out", tmp_path / "other", *TINY_ARGS, "--optimizer", "adam")
+    assert r.exit_code == 2 and "adam" in r.stderr and not (tmp_path / "other").exists()
+    config = tmp_path / "adam.yaml"
+    config.write_text("optim: {optimizer: adam}\n")
+    assert_error(run_cli("pretrain", real_store, "--out", tmp_path / "other", "--config", config, *TINY_ARGS),
+                 "--optimizer must be one of lars, sgd, got 'adam'")
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, tmp_path):
     import signal

@@ -1,4 +1,4 @@
-"""LARS parameter groups and adaptation, and the warm-up + cosine schedule."""
+"""LARS parameter groups and adaptation, the SGD alternative, and the warm-up + cosine schedule."""
 
 import pytest
 import torch
@@ -40,6 +40,25 @@ def test_lars_adapts_weights_but_not_biases_or_norms(weight_decay):
     w, g = before["0.weight"], grads["0.weight"] + weight_decay * before["0.weight"]
     trust = 0.001 * w.norm() / (grads["0.weight"].norm() + weight_decay * w.norm())
     torch.testing.assert_close(model.get_parameter("0.weight"), w - 0.5 * trust * g)
+
+
+def test_sgd_decays_weights_only_and_never_adapts():
+    """--optimizer sgd: momentum SGD on the same groups: a weight's first step is lr * (grad + wd * w)
+    with no trust ratio, a bias or norm parameter's is lr * grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = build_optimizer(model, lr=0.5, momentum=0.9, weight_decay=0.01, name="sgd")
+    assert isinstance(opt, torch.optim.SGD) and [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name in ("0.bias", "1.weight", "1.bias"):
+        torch.testing.assert_close(model.get_parameter(name), before[name] - 0.5 * grads[name])
+    w = before["0.weight"]
+    torch.testing.assert_close(model.get_parameter("0.weight"), w - 0.5 * (grads["0.weight"] + 0.01 * w))
+    with pytest.raises(ValueError, match="adam"):
+        build_optimizer(model, lr=0.5, name="adam")
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():

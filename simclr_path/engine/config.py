@@ -18,6 +18,7 @@ import yaml
 
 from simclr_path.data.views import ViewConfig
 from simclr_path.errors import SimclrPathError
+from simclr_path.optim.optimizers import OPTIMIZERS
 from simclr_path.runtime.console import log
 
 
@@ -48,7 +49,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """LARS and the schedule. ``global_batch``: patches per step over all processes (two views each)."""
+    """Optimiser and schedule. ``global_batch``: patches per step over all processes (two views each).
+    ``optimizer``: ``lars`` (SimCLR's) or ``sgd`` (momentum SGD on the same groups)."""
 
     global_batch: int = 256
     epochs: int = 100
@@ -56,7 +58,8 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: base * batch / 256; sqrt: base * sqrt(batch)
     momentum: float = 0.9
     weight_decay: float = 1e-6
-    trust_coeff: float = 0.001
+    trust_coeff: float = 0.001  # LARS only
+    optimizer: str = "lars"
     warmup_epochs: float = 10.0
     max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
 
@@ -117,6 +120,7 @@ class PretrainConfig:
             (o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}"),
             (o.base_lr > 0, f"--lr must be > 0, got {o.base_lr}"),
             (o.lr_scaling in ("linear", "sqrt"), f"lr_scaling must be linear or sqrt, got {o.lr_scaling!r}"),
+            (o.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {o.optimizer!r}"),
             (self.loss.temperature > 0, f"--temperature must be > 0, got {self.loss.temperature}"),
             (o.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {o.warmup_epochs}"),
             (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
@@ -198,7 +202,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
-        "mixed_mpp": "run", "allow_config_change": "run", "bf16": "run",
+        "optimizer": "optim", "mixed_mpp": "run", "allow_config_change": "run", "bf16": "run",
     }
     for key, value in overrides.items():
         if value is None:

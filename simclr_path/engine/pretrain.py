@@ -349,7 +349,8 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     seed_this_rank(cfg.run.seed, rank)  # after the model is built: its initial weights are the same everywhere
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff)
+    optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff,
+                                cfg.optim.optimizer)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     last_step = min(cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps, total_steps)
     return Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
