@@ -174,12 +174,15 @@ def test_pretrain_cli_prints_one_json_summary(real_store, tmp_path):
     assert saved.model.backbone == "resnet10t" and saved.views.image_size == 64
 
 
-def test_pretrain_optimizer_option_trains_with_sgd_and_refuses_others(real_store, tmp_path):
-    r = run_cli("pretrain", real_store, "--out", tmp_path / "run", *TINY_ARGS, "--optimizer", "sgd")
+def test_pretrain_recipe_options_are_recorded_and_sgd_trains_while_others_are_refused(real_store, tmp_path):
+    r = run_cli("pretrain", real_store, "--out", tmp_path / "run", *TINY_ARGS, "--optimizer", "sgd",
+                "--temperature", 0.3, "--weight-decay", 1e-4, "--warmup-epochs", 0.5)
     assert r.exit_code == 0, r.stderr
-    assert load_config(str(tmp_path / "run" / "config.yaml")).optim.optimizer == "sgd"
+    saved = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert (saved.optim.optimizer, saved.loss.temperature, saved.optim.weight_decay,
+            saved.optim.warmup_epochs) == ("sgd", 0.3, 1e-4, 0.5)
     groups = load_checkpoint(os.path.join(tmp_path / "run", "checkpoint.pt"))["optimizer"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [1e-6, 0.0] and all("trust_coeff" not in g for g in groups)
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0] and all("trust_coeff" not in g for g in groups)
     r = run_cli("pretrain", real_store, "--out", tmp_path / "other", *TINY_ARGS, "--optimizer", "adam")
     assert r.exit_code == 2 and "adam" in r.stderr and not (tmp_path / "other").exists()
     config = tmp_path / "adam.yaml"
@@ -263,6 +266,47 @@ def test_a_nan_between_sync_steps_is_caught_before_anything_is_saved(real_store,
     with pytest.raises(SimclrPathError, match="at step 5"):
         pretrain([str(real_store)], run, cfg, progress=False)
     assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 3
+
+
+def test_the_host_waits_once_per_log_interval_not_every_step(real_store, tmp_path, monkeypatch):
+    """Losses, the NaN check and the SIGTERM flag ride on one all-reduce at each sync step (every
+    log_every steps, step 1, the last step and checkpoint steps); the steps between never reduce."""
+    from simclr_path.runtime import distributed
+
+    reduced = []
+    real = distributed.all_sum
+
+    def counting(tensor):
+        reduced.append(tensor.numel())
+        return real(tensor)
+
+    monkeypatch.setattr(distributed, "all_sum", counting)
+    cfg = tiny_config(max_steps=9, checkpoint_every=6)
+    cfg.run.log_every = 4
+    pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
+    # sync steps 1, 4, 6 (checkpoint), 8, 9 (last): each carries the losses since the previous one + the flag
+    assert reduced == [1 + 1, 3 + 1, 2 + 1, 2 + 1, 1 + 1]
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 4, 8, 9]  # logged every log_every steps
+
+
+def test_model_input_turns_loader_uint8_nhwc_into_normalised_channels_last():
+    from types import SimpleNamespace
+
+    from simclr_path.engine.pretrain import model_input
+
+    batch = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for channels_last in (True, False):
+        run = SimpleNamespace(device=torch.device("cpu"), mean=mean, std=std,
+                              cfg=SimpleNamespace(model=SimpleNamespace(channels_last=channels_last)))
+        x = model_input(batch, run)
+        expected = (batch.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+            std).view(1, 3, 1, 1)
+        assert x.shape == (6, 3, 8, 8) and x.dtype == torch.float32
+        torch.testing.assert_close(x, expected)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert x.is_contiguous(memory_format=fmt)
 
 
 def chunks_sharing_a_patch_set(order: torch.Tensor, patches: int, chunk: int) -> int:

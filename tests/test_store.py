@@ -49,6 +49,20 @@ def test_patchstore_is_picklable_and_works_in_dataloader_workers(real_store):
     np.testing.assert_array_equal(batches[0].numpy(), first)
 
 
+def test_patchstore_resolves_a_slide_dataset_once_per_process(real_store, monkeypatch):
+    """Loader workers read thousands of patches per slide: the HDF5 path is resolved on the first
+    read of a slide and the handle kept; a forked worker (another pid) resolves its own."""
+    store = PatchStore(real_store)
+    lookups = []
+    real = store._group
+    monkeypatch.setattr(store, "_group", lambda slide: lookups.append(slide) or real(slide))
+    first = [store[i] for i in range(5)]
+    assert lookups == [0]
+    monkeypatch.setattr(store, "_pid", -1)  # as seen from a forked worker
+    np.testing.assert_array_equal(store[0], first[0])
+    assert lookups == [0, 0]
+
+
 def test_info_and_coords_commands(real_store, tmp_path):
     r = run_cli("info", real_store)
     assert r.exit_code == 0
