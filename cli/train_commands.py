@@ -30,7 +30,8 @@ Examples:
 @click.option("--weight-decay", type=float, default=None, help="Weight decay of the weights (biases and norms get none).")
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up before the cosine decay, in epochs.")
 @click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None,
-              help="LARS (SimCLR's; the presets) or momentum SGD, both without decay on biases and norms.")
+              help="LARS (SimCLR's; the presets) or momentum SGD, both without decay on biases and norms. "
+                   "SGD takes --lr as given: set one for it (a LARS rate is far too high).")
 @click.option("--backbone", default=None, help="timm model name, e.g. resnet50.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local weights file for the backbone.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")

@@ -191,6 +191,46 @@ def test_pretrain_recipe_options_are_recorded_and_sgd_trains_while_others_are_re
                  "--optimizer must be one of lars, sgd, got 'adam'")
 
 
+def test_resume_with_another_optimizer_needs_allowing_and_starts_its_momentum_afresh(real_store, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("pretrain", real_store, "--out", run, *TINY_ARGS).exit_code == 0
+    assert_error(run_cli("pretrain", real_store, "--out", run, *TINY_ARGS[:-5], "--max-steps", 2, "--device", "cpu",
+                         "-q", "--optimizer", "sgd"), "optim.optimizer='lars', not 'sgd'")
+    r = run_cli("pretrain", real_store, "--out", run, *TINY_ARGS[:-5], "--max-steps", 2, "--device", "cpu", "-q",
+                "--optimizer", "sgd", "--allow-config-change")
+    assert r.exit_code == 0, r.stderr
+    ckpt = load_checkpoint(os.path.join(run, "checkpoint.pt"))
+    assert ckpt["step"] == 2 and ckpt["config"]["optim"]["optimizer"] == "sgd"
+    assert all("trust_coeff" not in g and "always_adapt" not in g for g in ckpt["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("saved,now", [("lars", "sgd"), ("sgd", "lars"), ("lars", "lars")])
+def test_restore_keeps_momentum_only_for_the_same_optimizer(saved, now):
+    """LARS's momentum holds trust-scaled steps, SGD's raw gradients: a changed optimiser starts
+    without momentum and with exactly its own group settings; the same one gets its buffers back."""
+    from simclr_path.engine.state import TrainState, checkpoint_contents, rng_state, restore_checkpoint
+    from simclr_path.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = build_optimizer(model, lr=0.5, weight_decay=1e-4, name=saved)
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.step()
+    cfg = PretrainConfig()
+    cfg.optim.optimizer = saved
+    ckpt = checkpoint_contents(model, opt, build_scheduler(opt, 10, 0), TrainState(step=1), cfg.to_dict(), "x",
+                               [rng_state(torch.device("cpu"))], {})
+    fresh = build_optimizer(model, lr=0.5, weight_decay=1e-4, name=now)
+    own = [{k: v for k, v in g.items() if k != "params"} for g in fresh.param_groups]
+    restore_checkpoint(ckpt, model, fresh, build_scheduler(fresh, 10, 0))
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in fresh.param_groups]
+    assert groups == [{k: v for k, v in g.items() if k not in ("lr", "initial_lr")} for g in own]
+    if saved == now:
+        torch.testing.assert_close(fresh.state_dict()["state"], opt.state_dict()["state"])
+    else:
+        assert len(fresh.state) == 0
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, tmp_path):
     import signal

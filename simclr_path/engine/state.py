@@ -108,6 +108,11 @@ def saved_rng_for(rng: dict, rank: int, world: int, device_index: int | None) ->
     return rng["torch"], (cuda[index] if index < len(cuda) else (cuda[0] if len(cuda) == 1 else None))
 
 
+def optimizer_name(optimizer) -> str:
+    """``lars`` or ``sgd``: the ``optim.optimizer`` setting that built ``optimizer``."""
+    return "sgd" if type(optimizer) is torch.optim.SGD else "lars"
+
+
 def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, world: int = 1,
                        device: torch.device = torch.device("cpu"), seed: int = 0) -> TrainState:
     """Load a checkpoint's model, optimiser, scheduler and RNG; returns the state to go on from.
@@ -115,16 +120,22 @@ def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, w
     Each rank restores its own RNG (and only its own GPU's); a rank the checkpoint has no state for
     (a different number of processes) is seeded from (seed, rank, step) instead.
 
-    The optimiser's state (momentum buffers) comes from the checkpoint, its settings (weight decay,
-    LARS adaptation, momentum, trust coefficient) from this run's config, and the learning rate from
-    the schedule at the checkpoint's step: torch's ``load_state_dict`` would otherwise bring back
+    The optimiser's state (momentum buffers) comes from the checkpoint (unless the optimiser itself
+    changed), its settings (weight decay, LARS adaptation, momentum, trust coefficient) from this
+    run's config, and the learning rate from the schedule at the checkpoint's step: torch's ``load_state_dict`` would otherwise bring back
     the old settings and silently ignore an allowed change (or keep a pre-fix ``always_adapt``).
     """
     model.load_state_dict(ckpt["model"])
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)
+    saved_optimizer = (ckpt.get("config") or {}).get("optim", {}).get("optimizer", "lars")
+    if saved_optimizer == optimizer_name(optimizer):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            params = group["params"]
+            group.clear()
+            group.update(own, params=params)
+    # else (an allowed --optimizer change): LARS keeps trust-scaled steps in its momentum, SGD raw
+    # gradients, so the buffers would mean something else; the new optimiser starts without momentum
     scheduler.step_update(num_updates=ckpt["step"])
     saved = saved_rng_for(ckpt["rng"], rank, world, device.index if device.type == "cuda" else None)
     if saved is None:

@@ -8,7 +8,8 @@ weight decay is non-zero, so leaving it to the decay would turn the weights into
 LARS learning rate (~5 at batch 256) as soon as ``weight_decay`` is 0.
 
 ``sgd`` is ``torch.optim.SGD`` with momentum on the same two groups (weight decay on the weights
-only): the issue's "LARS vs SGD at small batch", measured with ``bench/quality.py``.
+only), for comparing the two at small batch. It takes the learning rate as given: a LARS rate
+(0.85 for ``small`` at batch 128, 4.8 for ``resnet50_paper`` at 4096) is far too high for it.
 """
 
 from __future__ import annotations
