@@ -54,8 +54,8 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
 def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, backbone,
-             pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc, chunk,
-             eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
+             pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc,
+             chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -77,8 +77,8 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
         except ValueError:
             raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, temperature=temperature,
-                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer, mixed_mpp=mixed_mpp,
-                          allow_config_change=allow_config_change, backbone=backbone,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,
+                          mixed_mpp=mixed_mpp, allow_config_change=allow_config_change, backbone=backbone,
                           pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)

@@ -122,8 +122,9 @@ def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, w
 
     The optimiser's state (momentum buffers) comes from the checkpoint (unless the optimiser itself
     changed), its settings (weight decay, LARS adaptation, momentum, trust coefficient) from this
-    run's config, and the learning rate from the schedule at the checkpoint's step: torch's ``load_state_dict`` would otherwise bring back
-    the old settings and silently ignore an allowed change (or keep a pre-fix ``always_adapt``).
+    run's config, and the learning rate from the schedule at the checkpoint's step: torch's
+    ``load_state_dict`` would otherwise bring back the old settings and silently ignore an allowed
+    change (or keep a pre-fix ``always_adapt``).
     """
     model.load_state_dict(ckpt["model"])
     saved_optimizer = (ckpt.get("config") or {}).get("optim", {}).get("optimizer", "lars")

@@ -43,7 +43,8 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_d
                     trust_coeff: float = 0.001, name: str = "lars"):
     """``name``: ``lars`` (timm's ``Lars``, weights adapted) or ``sgd`` (no adaptation, ``trust_coeff`` unused)."""
     if name == "sgd":
-        groups = [{k: v for k, v in group.items() if k != "always_adapt"} for group in param_groups(model, weight_decay)]
+        groups = [{k: v for k, v in group.items() if k != "always_adapt"}
+                  for group in param_groups(model, weight_decay)]
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name != "lars":
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
