@@ -72,6 +72,7 @@ class SegmentRun:
     step: int = 0
     stop: StopOnSigterm | None = None
     records: list = field(default_factory=list)
+    resume_from: dict | None = None  # the checkpoint ``out`` held at build, read once; dropped once loaded
 
     @property
     def checkpoint_path(self) -> str:
@@ -149,8 +150,9 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     if cfg.ssl == "fixmatch":
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
+    saved = saved_checkpoint(out)
     if cfg.epochs is None:  # not given: as the run being resumed began (older runs: 30), else the default
-        cfg.epochs = saved_epochs(out) or default_epochs(cfg.ssl)
+        cfg.epochs = (saved and SegmentConfig.from_dict(saved["config"]).epochs) or default_epochs(cfg.ssl)
     # the schedule spans --epochs; --max-steps only stops early (as in pretrain), so it may change on resume
     schedule = cfg.steps or math.ceil(len(labelled) / cfg.batch) * cfg.epochs
     total = min(schedule, cfg.max_steps) if cfg.max_steps is not None else schedule
@@ -184,14 +186,15 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     }
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
-                      device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device))
+                      device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device),
+                      resume_from=saved)
 
 
-def saved_epochs(out: str) -> int | None:
-    """``epochs`` of the run whose checkpoint is in ``out``, if there is one."""
+def saved_checkpoint(out: str) -> dict | None:
+    """The checkpoint of the run in ``out``, if there is one."""
     if not os.path.exists(os.path.join(out, SEGMENT_CHECKPOINT)):
         return None
-    return SegmentConfig.from_dict(read_segment_checkpoint(out)["config"]).epochs
+    return read_segment_checkpoint(out)
 
 
 def data_key(store: PatchStore, labels: LabelSet) -> str:
@@ -212,10 +215,9 @@ def open_segment_folder(run: SegmentRun) -> None:
         os.makedirs(run.out, exist_ok=True)
     except OSError as exc:
         raise SimclrPathError(f"{run.out}: run folder cannot be created ({exc.strerror}); choose another --out") from None
-    path = run.checkpoint_path
-    if not os.path.exists(path):
+    ckpt, run.resume_from = run.resume_from, None
+    if ckpt is None:
         return
-    ckpt = read_segment_checkpoint(path)
     saved = SegmentConfig.from_dict(ckpt["config"])
     changed = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(run.cfg, k)
                and not (k in FIXMATCH_ONLY and saved.ssl == run.cfg.ssl == "none")]
