@@ -127,7 +127,7 @@ def restore_checkpoint(ckpt: dict, model, optimizer, scheduler, rank: int = 0, w
     change (or keep a pre-fix ``always_adapt``).
     """
     model.load_state_dict(ckpt["model"])
-    saved_optimizer = ckpt["config"]["optim"].get("optimizer", "lars")  # older runs: LARS
+    saved_optimizer = (ckpt.get("config") or {}).get("optim", {}).get("optimizer", "lars")  # older runs: LARS
     if saved_optimizer == optimizer_name(optimizer):
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
