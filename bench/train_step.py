@@ -13,6 +13,9 @@ close to 1 (target >= 0.95 with 2 workers). A shared machine's speed drifts by 1
 minutes, so ``--repeats`` pairs (a SimCLR-step timing, then an end-to-end run) are measured and
 the median of their ratios is reported, with the range.
 
+OpenMP's wait policy is PASSIVE, as ``simclr-path`` sets it; ``OMP_WAIT_POLICY=ACTIVE python
+bench/train_step.py`` measures libgomp's spinning default instead (the header prints which).
+
 Usage: python bench/train_step.py [--backbone resnet18] [--batch 32] [--image-size 96]
        [--device cpu|cuda] [--amp] [--channels-last] [--compile] [--steps 10] [--repeats 3]
 """
@@ -20,13 +23,16 @@ Usage: python bench/train_step.py [--backbone resnet18] [--batch 32] [--image-si
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the simclr-path command sets it (cli/main.py)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,7 +139,8 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     n = 2 * args.batch
     print(f"\n{args.backbone} @ {args.image_size}px, batch {args.batch} ({n} views), device {device}, amp={args.amp}, "
-          f"channels_last={args.channels_last}, compile={args.compile}, chunk={chunk}, threads={torch.get_num_threads()}")
+          f"channels_last={args.channels_last}, compile={args.compile}, chunk={chunk}, threads={torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"{'step':14} | {'ms/step':>8} | {'views/s':>8}")
     print("-" * 37)
     print(f"{'SimCLR':14} | {t_simclr * 1e3:8.1f} | {n / t_simclr:8.1f}")

@@ -27,6 +27,34 @@ def test_python_dash_m_simclr_path_runs_the_cli(tmp_path):
     assert r.stdout.startswith("Usage: simclr-path") and "pretrain" in r.stdout and "tile" in r.stdout
 
 
+@pytest.mark.parametrize("exported", [None, "ACTIVE"])
+def test_the_cli_makes_openmp_threads_wait_passively_unless_the_user_chose(tmp_path, exported):
+    """Loader workers need the cores OpenMP threads would spin on. The policy must reach the OpenMP
+    runtime itself, which reads it once when torch loads: libgomp prints what it read (its spin count
+    is 0 when passive, 300000 when nothing was set)."""
+    import os
+    from pathlib import Path
+
+    import simclr_path
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    env["PYTHONPATH"] = str(Path(simclr_path.__file__).parents[1])  # this checkout's package
+    if exported:
+        env["OMP_WAIT_POLICY"] = exported
+    code = "import simclr_path.cli.main, sys; assert 'torch' not in sys.modules; import torch; torch.ones(2).sum()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout + r.stderr
+    if "GOMP_SPINCOUNT" not in shown:
+        pytest.skip("torch here is not built with GNU OpenMP (libgomp), whose settings this reads")
+    if exported:
+        assert f"OMP_WAIT_POLICY = '{exported}'" in shown
+    else:
+        assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown and "GOMP_SPINCOUNT = '0'" in shown
+
+
 def test_presets_are_package_resources():
     assert {"small", "resnet50_paper"} <= set(preset_names())
     assert load_config("small").model.backbone == "resnet18"
