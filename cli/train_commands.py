@@ -32,6 +32,9 @@ Examples:
 @click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None,
               help="LARS (SimCLR's; the presets) or momentum SGD, both without decay on biases and norms. "
                    "SGD takes --lr as given: set one for it (a LARS rate is far too high).")
+@click.option("--input-scale", type=float, default=None,
+              help="The exported encoder takes whole patches at --image-size x this, 0.25-4 (views are crops of "
+                   "them) [default: the config's; small 1.5, else 1].")
 @click.option("--backbone", default=None, help="timm model name, e.g. resnet50.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local weights file for the backbone.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -53,9 +56,9 @@ Examples:
               help="Resume even though a training setting differs from the checkpoint's (recorded in the run folder).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
-def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, backbone,
-             pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard, gpus, nproc,
-             chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
+def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, input_scale,
+             backbone, pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard,
+             gpus, nproc, chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -78,8 +81,8 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
             raise SimclrPathError(f"--chunk must be a number of views or 'auto', got {chunk!r}") from None
     cfg = apply_overrides(load_config(config), batch=batch, epochs=epochs, lr=lr, temperature=temperature,
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,
-                          mixed_mpp=mixed_mpp, allow_config_change=allow_config_change, backbone=backbone,
-                          pretrained=pretrained, workers=workers, device=device, seed=seed,
+                          input_scale=input_scale, mixed_mpp=mixed_mpp, allow_config_change=allow_config_change,
+                          backbone=backbone, pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
     cfg = apply_view_options(cfg, **views)

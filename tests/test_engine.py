@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 
 from simclr_path import NTXentLoss, load_encoder
 from simclr_path.engine.checkpoint import load_checkpoint
@@ -112,7 +113,7 @@ def test_export_round_trip_gives_identical_features(trained_run, tmp_path):
         r = run_cli("export", run, out)
         assert r.exit_code == 0, r.stderr
         info = json.loads(r.stdout)
-        assert info["timm_model"] == "resnet10t" and info["input_size"] == [3, 64, 64]
+        assert info["timm_model"] == "resnet10t" and info["input_size"] == [3, 96, 96]  # 64 px views x 1.5 (small)
         loaded = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(out))  # strict load
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
@@ -396,12 +397,43 @@ def test_stores_of_different_resolutions_need_mixed_mpp_and_are_all_recorded(tmp
     assert meta["patch_mpp"] == 0.5 and meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # 64 px patches at 48
 
 
+def test_export_takes_whole_patches_at_the_view_size_times_input_scale(tmp_path):
+    """Views are crops; the encoder is used on whole patches, shown at --image-size x --input-scale so
+    their pixel scale stays the views'. A setting of the export only: a resume may change it."""
+    import cv2
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    store = tmp_path / "s.h5"
+    assert run_cli("ingest", tmp_path / "images", "--out", store, "--no-labels", "--mpp", 0.5).exit_code == 0
+    args = ["--backbone", "resnet10t", "--batch", 16, "--image-size", 32, "--device", "cpu", "--workers", 0, "-q"]
+    assert_error(run_cli("pretrain", store, "--out", tmp_path / "bad", *args, "--input-scale", 0), "--input-scale")
+    assert_error(run_cli("pretrain", store, "--out", tmp_path / "bad", *args, "--input-scale", 0.25),
+                 "--image-size x --input-scale = 8 px")
+    assert not (tmp_path / "bad").exists()
+    r = run_cli("pretrain", store, "--out", tmp_path / "run", *args, "--input-scale", 1.5, "--max-steps", 1)
+    assert r.exit_code == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["input_scale"] == 1.5
+    assert run_cli("export", tmp_path / "run", tmp_path / "enc.pt").exit_code == 0
+    _, meta = load_encoder(str(tmp_path / "enc.pt"))
+    assert meta["input_size"] == [3, 48, 48] and meta["view_size"] == 32
+    assert meta["input_mpp"] == pytest.approx(0.5 * 64 / 48)  # 64 px patches at 48 px
+    r = run_cli("pretrain", store, "--out", tmp_path / "run", *args, "--input-scale", 2, "--max-steps", 2)
+    assert r.exit_code == 0, r.stderr  # no --allow-config-change needed
+    assert run_cli("export", tmp_path / "run", tmp_path / "enc2.pt").exit_code == 0
+    _, meta = load_encoder(str(tmp_path / "enc2.pt"))
+    assert meta["input_size"] == [3, 64, 64] and meta["training"]["steps"] == 2
+
+
 def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tmp_path):
     run = tmp_path / "run"
     base = ["--backbone", "resnet10t", "--batch", 32, "--image-size", 64, "--device", "cpu", "-q", "--workers", 0]
     assert run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 1).exit_code == 0
     r = run_cli("pretrain", real_store, "--out", run, *base, "--max-steps", 2, "--temperature", 0.3)
-    assert_error(r, "loss.temperature=0.1, not 0.3", "--allow-config-change")
+    assert_error(r, "loss.temperature=0.1, not 0.3", "--allow-config-change", f"--config {run / 'config.yaml'}")
     assert load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"] == 1  # nothing trained, nothing saved
     # what may change: length, workers, logging
     r = run_cli("pretrain", real_store, "--out", run, *base[:-2], "--workers", 1, "--max-steps", 2,
@@ -417,6 +449,14 @@ def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tm
     groups = load_checkpoint(os.path.join(run, "checkpoint.pt"))["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]  # the change took effect, not just the record
     assert [g["always_adapt"] for g in groups] == [True, False]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["allow_config_change"] is False  # a permission for one invocation, not a setting
+    r = run_cli("pretrain", real_store, "--out", run, "--config", run / "config.yaml", "-q", "--max-steps", 4)
+    assert r.exit_code == 0, r.stderr  # the run's config.yaml holds its settings, as the refusal says
+    assert len((run / "config-changes.jsonl").read_text().splitlines()) == 2  # nothing changed this time
+    r = run_cli("pretrain", real_store, "--out", run, "--config", run / "config.yaml", "-q", "--max-steps", 5,
+                "--temperature", 0.5)
+    assert_error(r, "loss.temperature=0.3, not 0.5")  # and it does not carry the permission along
 
 
 def test_pretrain_shuffles_the_gradient_cache_views_differently_every_step(real_store, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import torch
 
 from simclr_path import __version__
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
-from simclr_path.engine.config import upgrade_config_dict
+from simclr_path.engine.config import input_size, upgrade_config_dict
 from simclr_path.errors import SimclrPathError
 
 ENCODER_FORMAT = "simclr-path encoder"
@@ -71,20 +71,22 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
         # a --mixed-mpp run has no one patch resolution: store_resolutions below lists them all
         store["target_mpp"] = store["magnification"] = None
     views = cfg["views"]
+    size = input_size(int(views["image_size"]), float(cfg["model"].get("input_scale", 1.0)))
     metadata = {
         "format": ENCODER_FORMAT,
         "version": 1,
         "tool_version": __version__,
         "timm_model": name,
         "num_features": int(model.num_features),
-        "input_size": [3, int(views["image_size"]), int(views["image_size"])],
+        "input_size": [3, size, size],  # a whole store patch, resized to this
+        "view_size": int(views["image_size"]),  # the crops pretraining saw
         "mean": [float(x) for x in views["mean"]],
         "std": [float(x) for x in views["std"]],
         "patch_mpp": store.get("target_mpp"),
         "patch_magnification": store.get("magnification"),
         "patch_size": store.get("patch_size"),
         # what one input pixel is when a whole patch is resized to the input size, as embed/eval do
-        "input_mpp": input_mpp(store.get("target_mpp"), store.get("patch_size"), int(views["image_size"])),
+        "input_mpp": input_mpp(store.get("target_mpp"), store.get("patch_size"), size),
         "crop_scale": [float(x) for x in views["crop_scale"]],
         "store_resolutions": store.get("resolutions", []),
         "training": {

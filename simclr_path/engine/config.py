@@ -27,9 +27,20 @@ def presets():
     return resources.files("simclr_path.configs")
 
 
+def input_size(image_size: int, input_scale: float) -> int:
+    """Whole-patch input side for views of ``image_size`` px: ``image_size x input_scale``, rounded."""
+    return int(round(image_size * input_scale))
+
+
 @dataclass
 class ModelConfig:
-    """Backbone and projection head (see :class:`simclr_path.models.SimCLRModel`)."""
+    """Backbone and projection head (see :class:`simclr_path.models.SimCLRModel`).
+
+    ``input_scale``: the exported encoder (and the kNN check) takes a whole store patch resized to
+    ``views.image_size x input_scale`` px (:meth:`PretrainConfig.input_size`). Views are crops of a
+    patch; with ``input_scale`` near one over the crops' typical side fraction, a whole patch keeps
+    the pixel scale the views had.
+    """
 
     backbone: str = "resnet50"
     pretrained: str | None = None
@@ -38,6 +49,7 @@ class ModelConfig:
     head_layers: int = 3
     channels_last: bool = True
     compile: bool = False
+    input_scale: float = 1.0
 
 
 @dataclass
@@ -113,6 +125,10 @@ class PretrainConfig:
             sections[f.name] = section_cls(**values)
         return cls(**sections)
 
+    def input_size(self) -> int:
+        """Side in px at which the exported encoder takes a whole store patch."""
+        return input_size(self.views.image_size, self.model.input_scale)
+
     def validate(self) -> None:
         o, v, r = self.optim, self.views, self.run
         checks = [
@@ -126,6 +142,8 @@ class PretrainConfig:
             (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
             (o.max_steps is None or o.max_steps >= 1, f"--max-steps must be >= 1, got {o.max_steps}"),
             (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
+            (isinstance(self.model.input_scale, (int, float)) and not isinstance(self.model.input_scale, bool)
+             and 0.25 <= self.model.input_scale <= 4, f"--input-scale must be in 0.25..4, got {self.model.input_scale!r}"),
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
             (r.eval_every >= 1, f"--eval-every must be >= 1, got {r.eval_every}"),
@@ -137,6 +155,9 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise SimclrPathError(message)
+        if not 16 <= self.input_size() <= 4096:
+            raise SimclrPathError(f"--image-size x --input-scale = {self.input_size()} px (the export's input) "
+                                  "must be in 16..4096")
 
 
 def preset_names() -> list[str]:
@@ -198,7 +219,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
     """Set ``section.key`` values given as ``key=value`` (None means: not given)."""
     where = {
         "batch": ("optim", "global_batch"), "epochs": "optim", "lr": ("optim", "base_lr"), "max_steps": "optim",
-        "temperature": "loss", "backbone": "model", "pretrained": "model", "compile": "model",
+        "temperature": "loss", "backbone": "model", "pretrained": "model", "compile": "model", "input_scale": "model",
         "image_size": "views", "workers": "run", "device": "run", "seed": "run",
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
@@ -212,10 +233,11 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
     return cfg
 
 
-#: Settings a resumed run may change freely: how long to run, where, how to log and check. Every
+#: Settings a resumed run may change freely: how long to run, where, how to log and check, the size
+#: the export takes patches at. Every
 #: other setting shapes the training itself and must match the checkpoint's.
 RESUMABLE_KEYS = frozenset({
-    "optim.max_steps", "model.compile", "model.channels_last",
+    "optim.max_steps", "model.compile", "model.channels_last", "model.input_scale",
     "run.workers", "run.log_every", "run.checkpoint_every", "run.tensorboard",
     "run.eval_labeled", "run.eval_every", "run.eval_max_per_class", "run.allow_config_change",
 })
@@ -244,7 +266,10 @@ def _as_lists(value):
 
 
 def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML: ``--config PATH`` repeats the run's settings. The permission
+    ``--allow-config-change`` is for one invocation, so it is saved off."""
     data = cfg.to_dict()
+    data["run"]["allow_config_change"] = False
     data = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} for s, d in data.items()}
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:

@@ -228,7 +228,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
         if main and cfg.run.eval_labeled:
             from simclr_path.engine.knn import KnnMonitor
 
-            knn = KnnMonitor(cfg.run.eval_labeled, cfg.views.image_size, cfg.views.mean, cfg.views.std,
+            knn = KnnMonitor(cfg.run.eval_labeled, cfg.input_size(), cfg.views.mean, cfg.views.std,
                              cfg.run.eval_max_per_class, cfg.run.seed)
         training_log = TrainingLog(out, run.state.step, run.last_step, cfg.run.log_every, write=main,
                                    progress=progress, tensorboard=cfg.run.tensorboard)
@@ -374,7 +374,8 @@ def resume(run: Run, ckpt: dict | None) -> None:
             raise SimclrPathError(
                 f"{run.checkpoint_path}: this run was started with --batch {saved_batch} and "
                 f"{ckpt.get('total_steps')} scheduled steps ({saved['optim']['epochs']} epochs); resume "
-                "with the same --batch and --epochs (only --max-steps may change) or use a new --out"
+                "with the same --batch and --epochs (only --max-steps may change; --config "
+                f"{os.path.join(run.out, 'config.yaml')} holds them) or use a new --out"
             )
         check_resumed_settings(run, saved, ckpt["step"])
         run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, distributed.rank(), run.world,
@@ -396,8 +397,8 @@ def check_resumed_settings(run: Run, saved: dict, step: int) -> None:
     if not run.cfg.run.allow_config_change:
         raise SimclrPathError(
             f"{run.checkpoint_path}: this run was started with {name}={old!r}, not {new!r}{more}; resume with the "
-            "same settings, use a new --out, or pass --allow-config-change to continue with the new ones (recorded "
-            "in config-changes.jsonl)"
+            f"same settings (--config {os.path.join(run.out, 'config.yaml')} holds them), use a new --out, or pass "
+            "--allow-config-change to continue with the new ones (recorded in config-changes.jsonl)"
         )
     if distributed.is_main():
         with open(os.path.join(run.out, "config-changes.jsonl"), "a") as fh:
