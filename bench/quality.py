@@ -2,11 +2,12 @@
 
 Rows (each training run one after the other on this machine, same budget, batch 128, 2 workers):
 
-- ours: ``simclr-path pretrain STORE --config small --batch 128 --epochs 20`` (resnet18, 96 px) on
+- ours: ``simclr-path pretrain STORE --config small --batch 128 --epochs 38`` (resnet18 on 64 px
+  crops, whole patches at 96 px) on
   the PCam valid patches (3000, labels unused; ingested once into WORK/pcam-valid.h5 with
   ``simclr-path ingest --mpp 0.97``), sent SIGTERM when the budget is spent (it finishes its
   step, checkpoints and exits 143), then ``simclr-path export``. ``--ours-epochs N`` sets the
-  schedule's length (the default 20 is what a 2-core AVX512-BF16 EPYC reaches in 900 s with bf16;
+  schedule's length (the default 38 is what a 2-core AVX512-BF16 EPYC reaches in 900 s with bf16;
   the table then says which value would end the cosine at the budget on this machine);
   ``--ours-args "..."`` is passed through verbatim, after our own flags (so it can override them).
 - baseline: bench/simclr_baseline.py, a textbook SimCLR in torch/torchvision only (the paper's
@@ -16,6 +17,9 @@ Rows (each training run one after the other on this machine, same budget, batch 
   textbook loop does; ours uses bf16 autocast where the CPU runs it natively (AVX512-BF16/AMX), as
   ``pretrain`` does by default - part of what "the same cost" buys each.
 - random init: the floor ``evaluate_encoder`` reports (same architecture, untrained).
+
+Every process runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it), which the
+``simclr-path`` command sets for itself: the baseline gets it too.
 
 The budget is wall-clock from process start to SIGTERM (start-up included; never before the
 first step is done). Every encoder is scored by the same call,
@@ -48,7 +52,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# What the simclr-path command sets (cli/main.py), here for every run: the baseline's loader workers
+# share the cores too, so both compare recipes under the same OpenMP wait policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,7 +84,8 @@ def machine() -> dict:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     info["cpu_native_bf16"] = native_bf16(torch.device("cpu"))
@@ -283,7 +292,7 @@ def print_table(results: dict) -> None:
     m, rows = results["machine"], results["runs"]
     print(f"\nmachine: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
           f"{m['torch_threads']} threads" + (f", GPU {m['gpu']}" if "gpu" in m else "")
-          + f"; device {results['device']}")
+          + f"; device {results['device']}; OMP_WAIT_POLICY={m.get('omp_wait_policy')} for every run")
     if results["device"] == "cpu":
         print("precision: ours " + ("bf16 autocast (native on this CPU)" if m.get("cpu_native_bf16") else "fp32")
               + ", baseline fp32 (the textbook loop)")
@@ -335,14 +344,14 @@ def main():
     parser.add_argument("--budget", type=float, default=900.0, help="wall-clock seconds per training run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "quality")
-    parser.add_argument("--ours-epochs", type=int, default=None, help="ours' --epochs (schedule length) [20]")
+    parser.add_argument("--ours-epochs", type=int, default=None, help="ours' --epochs (schedule length) [38]")
     parser.add_argument("--ours-args", default="", help="extra 'simclr-path pretrain' flags, passed verbatim")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--device", default="cpu", help="training and evaluation device, for every row")
     parser.add_argument("--out", type=Path, default=None, help="write every number (balanced accuracies too) as JSON")
     args = parser.parse_args()
     ours_epochs_default = args.ours_epochs is None
-    args.ours_epochs = args.ours_epochs or 20
+    args.ours_epochs = args.ours_epochs or 38
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 

@@ -177,8 +177,8 @@ def test_options_override_the_preset(store_path, tmp_path):
     assert (views.brightness, views.contrast, views.saturation, views.hue) == (0.1, 0.2, 0.3, 0.04)
     # not given: the preset's values stay
     assert (views.rot90_p, views.grayscale_p, views.he_stain_p) == (small.views.rot90_p, small.views.grayscale_p, 0.2)
-    # the small preset's 96 px views do not fit 64 px patches; --image-size overrides it
-    assert_error(run_cli("views", store_path, "--out", tmp_path / "a.png", "--config", "small"),
+    # views larger than the patches are refused, with the fix
+    assert_error(run_cli("views", store_path, "--out", tmp_path / "a.png", "--config", "small", "--image-size", 96),
                  "--image-size 96", "64 px")
     out = tmp_path / "gray.png"
     summary = one_json(run_cli("views", store_path, "--out", out, "--config", "small", "--image-size", 48,
