@@ -163,7 +163,7 @@ def test_legend_shows_the_config():
                    "grayscale p 1.00", "blur p 0.10", "HE stain p 0.00", "seed 7, epoch 2", "5 of 20 patches"]:
         assert phrase in text, phrase
     small = vg.legend_text(vg.legend_items(load_config("small").views, 0, 0, 256, 16, 35))
-    assert "views: 96 px crops of 256 px patches, shown 2x" in small and "crop scale 0.30-1.00" in small
+    assert "views: 64 px crops of 256 px patches, shown 2x" in small and "crop scale 0.25-0.80" in small
     assert "HE stain p 0.20" in small and "grayscale p 0.10" in small and "light views p 0.50" in small
     assert "shown at their own size" in vg.legend_text(vg.legend_items(ViewConfig(), 0, 0, 256, 1, 1))
 
