@@ -426,6 +426,12 @@ def test_export_takes_whole_patches_at_the_view_size_times_input_scale(tmp_path)
     assert run_cli("export", tmp_path / "run", tmp_path / "enc2.pt").exit_code == 0
     _, meta = load_encoder(str(tmp_path / "enc2.pt"))
     assert meta["input_size"] == [3, 64, 64] and meta["training"]["steps"] == 2
+    ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    del ckpt["config"]["model"]["input_scale"]  # as a run from before input_scale wrote it
+    torch.save(ckpt, tmp_path / "older.pt")
+    assert run_cli("export", tmp_path / "older.pt", tmp_path / "enc3.pt").exit_code == 0
+    _, meta = load_encoder(str(tmp_path / "enc3.pt"))
+    assert meta["input_size"] == [3, 32, 32] and meta["view_size"] == 32  # whole patches at the view size
 
 
 def test_resume_refuses_a_changed_training_setting_unless_allowed(real_store, tmp_path):

@@ -27,6 +27,10 @@ def presets():
     return resources.files("simclr_path.configs")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def input_size(image_size: int, input_scale: float) -> int:
     """Whole-patch input side for views of ``image_size`` px: ``image_size x input_scale``, rounded."""
     return int(round(image_size * input_scale))
@@ -142,8 +146,8 @@ class PretrainConfig:
             (o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
             (o.max_steps is None or o.max_steps >= 1, f"--max-steps must be >= 1, got {o.max_steps}"),
             (16 <= v.image_size <= 4096, f"--image-size must be in 16..4096, got {v.image_size}"),
-            (isinstance(self.model.input_scale, (int, float)) and not isinstance(self.model.input_scale, bool)
-             and 0.25 <= self.model.input_scale <= 4, f"--input-scale must be in 0.25..4, got {self.model.input_scale!r}"),
+            (_is_number(self.model.input_scale) and 0.25 <= self.model.input_scale <= 4,
+             f"--input-scale must be in 0.25..4, got {self.model.input_scale!r}"),
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
             (r.eval_every >= 1, f"--eval-every must be >= 1, got {r.eval_every}"),
@@ -234,8 +238,8 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
 
 
 #: Settings a resumed run may change freely: how long to run, where, how to log and check, the size
-#: the export takes patches at. Every
-#: other setting shapes the training itself and must match the checkpoint's.
+#: the export takes patches at. Every other setting shapes the training itself and must match the
+#: checkpoint's.
 RESUMABLE_KEYS = frozenset({
     "optim.max_steps", "model.compile", "model.channels_last", "model.input_scale",
     "run.workers", "run.log_every", "run.checkpoint_every", "run.tensorboard",
