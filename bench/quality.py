@@ -244,9 +244,9 @@ def train_ours(args, store: Path, seed: int, patches: int) -> dict:
                          "--device", args.device, "--quiet"] + shlex.split(args.ours_args)
     steps = StepFile(run_dir / "metrics.jsonl", has_step=lambda r: "loss" in r)
     run = run_budgeted(f"ours seed {seed}", cmd, steps, args.budget, args.work / f"ours-s{seed}.log")
-    # 143: stopped on SIGTERM, checkpoint saved. -15: the SIGTERM came after the last step, once
-    # pretrain had saved its final checkpoint and let go of its handler (a schedule that ends right at
-    # the budget); the export below checks that the checkpoint holds every step that was logged.
+    # 143: stopped on SIGTERM, checkpoint saved. -15: the SIGTERM came in the instant between pretrain
+    # returning its summary and the process exiting (a schedule that ends right at the budget); the
+    # export below checks that the checkpoint holds every step that was logged.
     if run["returncode"] not in (0, 143, -signal.SIGTERM):
         raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(args.work / f'ours-s{seed}.log')}")
     encoder = args.work / f"ours-s{seed}.pt"

@@ -262,6 +262,27 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, t
     assert json.loads(r.stdout)["step"] == step + 1
 
 
+def test_a_sigterm_after_the_last_step_still_ends_in_the_summary(real_store, tmp_path, monkeypatch):
+    """scancel as the schedule ends: the final checkpoint is written and the run is complete, so it
+    reports like any finished run (summary, exit 0) instead of dying or asking for a resume."""
+    import signal
+
+    from simclr_path.engine import pretrain as pretrain_module
+
+    real_settle = pretrain_module.settle_losses
+
+    def settle_then_sigterm(run, training_log):
+        real_settle(run, training_log)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the loop, before the final checkpoint and summary
+
+    monkeypatch.setattr(pretrain_module, "settle_losses", settle_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = pretrain([str(real_store)], str(tmp_path / "run"), tiny_config(max_steps=3), progress=False)
+    assert summary["step"] == 3
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handling is back
+
+
 @pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
 def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_tol):
     """With batch norm in eval mode the cached gradient is the full-batch one, views shuffled or not."""

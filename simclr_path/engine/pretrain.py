@@ -243,13 +243,15 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
             if run.state.consistent and not distributed.is_distributed() and _all_finite(run.unchecked_losses):
                 run.save_checkpoint()
             raise
-    if stopping(run):
-        raise StoppedBySignal(
-            f"stopped on SIGTERM after step {run.state.step}; checkpoint saved to {run.checkpoint_path} - "
-            "rerun the same command to resume"
-        )
-    summary = summarize(run, training_log, time.perf_counter() - started)
-    training_log.plot()
+        # still under the handler: a SIGTERM once the schedule is done (scancel at the very end) finds
+        # a finished run, which prints its summary like any other
+        if stopping(run) and run.state.step < run.last_step:
+            raise StoppedBySignal(
+                f"stopped on SIGTERM after step {run.state.step}; checkpoint saved to {run.checkpoint_path} - "
+                "rerun the same command to resume"
+            )
+        summary = summarize(run, training_log, time.perf_counter() - started)
+        training_log.plot()
     return summary
 
 
