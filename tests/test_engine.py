@@ -283,6 +283,35 @@ def test_a_sigterm_after_the_last_step_still_ends_in_the_summary(real_store, tmp
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own handling is back
 
 
+def test_the_knn_check_sees_whole_patches_at_the_exports_input_size(real_store, tmp_path, monkeypatch):
+    """The kNN check during pretraining measures the encoder as it will be used: whole labelled
+    patches at image size x input scale (64 x 1.5 = 96 px here), not at the crops' 64 px."""
+    import cv2
+
+    from simclr_path.engine import knn as knn_module
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "labeled" / c).mkdir(parents=True)
+        for i in range(10):
+            cv2.imwrite(str(tmp_path / "labeled" / c / f"{c}{i}.png"), rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    seen = []
+    real_extract = knn_module.extract_features
+
+    def spying(backbone, images, size, *args, **kwargs):
+        seen.append(size)
+        return real_extract(backbone, images, size, *args, **kwargs)
+
+    monkeypatch.setattr(knn_module, "extract_features", spying)
+    cfg = tiny_config(max_steps=2, image_size=64)
+    cfg.model.input_scale = 1.5
+    cfg.run.eval_labeled, cfg.run.eval_every = str(tmp_path / "labeled"), 2
+    pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
+    assert seen == [96, 96]  # the train and test features of the one check, at the last step
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        assert any("knn_acc" in json.loads(line) for line in fh)
+
+
 @pytest.mark.parametrize("dtype,global_tol,tensor_tol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-11)])
 def test_gradient_cache_with_4_chunks_equals_no_cache(dtype, global_tol, tensor_tol):
     """With batch norm in eval mode the cached gradient is the full-batch one, views shuffled or not."""
