@@ -262,29 +262,44 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(real_store, t
     assert json.loads(r.stdout)["step"] == step + 1
 
 
-def test_a_sigterm_after_the_last_step_still_ends_in_the_summary(real_store, tmp_path, monkeypatch):
-    """scancel as the schedule ends: the final checkpoint is written and the run is complete, so it
-    reports like any finished run (summary, exit 0) instead of dying or asking for a resume."""
+@pytest.mark.parametrize("where", ["settle_losses", "summarize"])
+def test_a_sigterm_after_the_last_step_still_ends_in_the_summary(real_store, tmp_path, monkeypatch, where):
+    """scancel as the run ends: after the loop (before the final checkpoint) or while the summary is
+    written, the run is complete, so it reports like any finished run instead of asking for a resume
+    (settle_losses) or dying without a summary (summarize)."""
     import signal
+    import threading
 
     from simclr_path.engine import pretrain as pretrain_module
 
-    real_settle = pretrain_module.settle_losses
+    assert threading.current_thread() is threading.main_thread()  # else no handler is installed
+    real = getattr(pretrain_module, where)
 
-    def settle_then_sigterm(run, training_log):
-        real_settle(run, training_log)
-        os.kill(os.getpid(), signal.SIGTERM)  # after the loop, before the final checkpoint and summary
+    def then_sigterm(*args, **kwargs):
+        out = real(*args, **kwargs) if where == "settle_losses" else None
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out if where == "settle_losses" else real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "settle_losses", settle_then_sigterm)
-    before = signal.getsignal(signal.SIGTERM)
-    summary = pretrain([str(real_store)], str(tmp_path / "run"), tiny_config(max_steps=3), progress=False)
+    monkeypatch.setattr(pretrain_module, where, then_sigterm)
+    leaked = []
+
+    def default_action(signum, frame):  # stands in for death by -15 where pretrain's handler is off
+        leaked.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        summary = pretrain([str(real_store)], str(tmp_path / "run"), tiny_config(max_steps=3), progress=False)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not leaked
     assert summary["step"] == 3
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handling is back
+    assert after is default_action  # the handler in place before the run is back afterwards
 
 
 def test_the_knn_check_sees_whole_patches_at_the_exports_input_size(real_store, tmp_path, monkeypatch):
-    """The kNN check during pretraining measures the encoder as it will be used: whole labelled
+    """The kNN check during pretraining measures the encoder at the size it will be used at: labelled
     patches at image size x input scale (64 x 1.5 = 96 px here), not at the crops' 64 px."""
     import cv2
 
