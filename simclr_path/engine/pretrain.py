@@ -243,8 +243,8 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
             if run.state.consistent and not distributed.is_distributed() and _all_finite(run.unchecked_losses):
                 run.save_checkpoint()
             raise
-        # still under the handler: a SIGTERM once the schedule is done (scancel at the very end) finds
-        # a finished run, which prints its summary like any other
+        # still under the handler: a SIGTERM once the last step is done (the end of the schedule or
+        # --max-steps; scancel at the very end) finds a finished run, which prints its summary like any other
         if stopping(run) and run.state.step < run.last_step:
             raise StoppedBySignal(
                 f"stopped on SIGTERM after step {run.state.step}; checkpoint saved to {run.checkpoint_path} - "
