@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from simclr_path.cli.options import view_options
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 
 
 @click.command(
@@ -42,7 +42,7 @@ def views(stores, out, n, config, seed, epoch, **view_values):
     cfg = apply_view_options(load_config(config), **view_values)
     seed = cfg.run.seed if seed is None else seed
     indices = write_view_grid(out, PatchStore(list(stores)), cfg.views, n=n, seed=seed, epoch=epoch)
-    _echo_json({"out": os.path.abspath(out), "patches": len(indices), "image_size": cfg.views.image_size,
+    echo_json({"out": os.path.abspath(out), "patches": len(indices), "image_size": cfg.views.image_size,
                 "seed": seed, "epoch": epoch, "indices": indices})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 
 
 @click.command(epilog="""\b
@@ -30,7 +30,7 @@ def embed(encoder, stores, out, device, batch, workers, quiet):
     from simclr_path.downstream.embed import embed_stores
     from simclr_path.runtime.console import Reporter
 
-    _echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers,
+    echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers,
                             reporter=Reporter(enabled=not quiet)))
 
 
@@ -48,7 +48,7 @@ def ingest(folder, out, size, mpp, labels):
     """Put a folder of patch images (png/jpg/tif, recursively) into a patch store."""
     from simclr_path.store.ingest import ingest_folder
 
-    _echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp))
+    echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp))
 
 
 @click.command("eval", epilog="""\b
@@ -99,7 +99,7 @@ def evaluate(encoder, labeled, test, test_fraction, group_regex, max_per_class, 
             table.add_row(name, *(f"{r[k]:.3f}" for k in ("knn_acc", "knn_balanced_acc", "linear_acc",
                                                            "linear_balanced_acc")))
     stderr_console().print(table)
-    _echo_json(result)
+    echo_json(result)
 
 
 COMMANDS = [embed, ingest, evaluate]

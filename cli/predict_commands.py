@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 from simclr_path.errors import SimclrPathError
 
 
@@ -12,7 +12,7 @@ from simclr_path.errors import SimclrPathError
 Examples:
   simclr-path segment-eval runs/seg held_out.h5 --labels held_out_labels/
   simclr-path segment-eval runs/seg --images tiles/ --masks masks/ --mpp 0.5 --overlay overlays/
-  masks/<image stem>.png: one 8-bit channel of the image's size, class index per pixel, 255 = not scored
+  masks/<image stem>.png: the image's size; class index per pixel with 255 = not scored, or 0/255 binary
 """)
 @click.argument("run", type=click.Path(exists=True))
 @click.argument("stores", nargs=-1)
@@ -24,17 +24,22 @@ Examples:
               help="Folder with one <image stem>.png mask per image of --images.")
 @click.option("--mpp", type=float, default=None,
               help="Microns per pixel of the --images [default: the training patches' resolution].")
+@click.option("--mask-format", type=click.Choice(["auto", "index", "binary"]), default="auto", show_default=True,
+              help="Mask values: index = class index per pixel, 255 not scored; binary = 0 background, any other "
+                   "value class 1 (GlaS 0/255); auto = binary when the masks hold only 0 and 255.")
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
               help="Write <name>.png per image: true outlines green, predicted magenta.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True, help="Windows or patches per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def segment_eval(run, stores, labels_dir, images_dir, masks_dir, mpp, overlay_dir, device, batch, workers, quiet):
+def segment_eval(run, stores, labels_dir, images_dir, masks_dir, mpp, mask_format, overlay_dir, device, batch, workers,
+                 quiet):
     """Dice and IoU per class of a segment RUN on held-out labelled STORES or on images with masks.
 
     Prints one JSON line: scores pooled over all pixels ("overall"), per image (per slide for
-    stores) and their mean over images.
+    stores) and their mean over images; "mean_dice" is over the foreground classes (background
+    beside it). On stores, each slide pixel is scored once, however much the patches overlap.
     """
     from simclr_path.runtime.console import Reporter
     from simclr_path.segment.evaluate import evaluate_segmentation
@@ -47,10 +52,10 @@ def segment_eval(run, stores, labels_dir, images_dir, masks_dir, mpp, overlay_di
         raise SimclrPathError("give STORES with --labels DIR, or --images DIR with --masks DIR")
     if mpp is not None and not images_dir:
         raise SimclrPathError("--mpp is the resolution of --images; stores know their own")
-    _echo_json(evaluate_segmentation(run, images_dir=images_dir, masks_dir=masks_dir, mpp=mpp,
+    echo_json(evaluate_segmentation(run, images_dir=images_dir, masks_dir=masks_dir, mpp=mpp,
                                      stores=list(stores) or None, labels_dir=labels_dir, device=device,
                                      overlay_dir=overlay_dir, batch_size=batch, workers=workers,
-                                     reporter=Reporter(enabled=not quiet)))
+                                     reporter=Reporter(enabled=not quiet), mask_format=mask_format))
 
 
 @click.command("predict", epilog="""\b
@@ -76,7 +81,7 @@ def predict(run, stores, out, downsample, device, batch, workers, quiet):
     from simclr_path.runtime.console import Reporter
     from simclr_path.segment.predict import predict_slides
 
-    _echo_json(predict_slides(run, list(stores), out, downsample=downsample, device=device, batch_size=batch,
+    echo_json(predict_slides(run, list(stores), out, downsample=downsample, device=device, batch_size=batch,
                               workers=workers, reporter=Reporter(enabled=not quiet)))
 
 

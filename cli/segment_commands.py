@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 
 
 @click.command(
@@ -20,7 +20,7 @@ Examples:
 @click.argument("encoder")
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--labels", "labels_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder of <slide>.png masks (class index, 255 = unlabelled) or QuPath <slide>.geojson.")
+              help="Folder of <slide>.png masks (see --mask-format) or QuPath <slide>.geojson (with --classes).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder (created; resumed if it holds a checkpoint).")
 @click.option("--classes", default=None, help="Class names, comma-separated, index = class value [masks: from the values].")
 @click.option("--ssl", type=click.Choice(["none", "fixmatch"]), default="none", show_default=True,
@@ -45,6 +45,9 @@ Examples:
 @click.option("--image-size", type=int, default=None,
               help="Network input side, a multiple of 32 [default: matched to the encoder's pretraining um/px].")
 @click.option("--mask-downsample", type=float, default=None, help="Level-0 px per mask px [default: from the mask size].")
+@click.option("--mask-format", type=click.Choice(["auto", "index", "binary"]), default="auto", show_default=True,
+              help="Mask values: index = class index per pixel, 255 unlabelled; binary = 0 background, any other "
+                   "value the foreground class (GlaS 0/255); auto = binary when the masks hold only 0 and 255.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -52,7 +55,8 @@ Examples:
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, unlabeled_ratio, ema, rampup, batch,
-            epochs, steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, device, workers,
+            epochs, steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, mask_format, device,
+            workers,
             seed, checkpoint_every, log_every, quiet):
     """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
     on the labelled areas of STORES, and with --ssl fixmatch on the unlabelled rest too.
@@ -71,10 +75,10 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, u
         epochs=epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
         encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
         ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema,
-        mask_downsample=mask_downsample,
+        mask_downsample=mask_downsample, mask_format=mask_format,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,
     )
-    _echo_json(train_segmentation(list(stores), labels_dir, out, cfg, progress=not quiet))
+    echo_json(train_segmentation(list(stores), labels_dir, out, cfg, progress=not quiet))
 
 
 COMMANDS = [segment]

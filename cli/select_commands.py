@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 
 
 @click.command(epilog="""\b
@@ -53,7 +53,7 @@ def select(encoder, stores, budget, out, region_size, strategy, features_dir, mo
     from simclr_path.runtime.console import Reporter
     from simclr_path.selection.select import select_regions_for_annotation
 
-    _echo_json(select_regions_for_annotation(
+    echo_json(select_regions_for_annotation(
         encoder, list(stores), out, budget=budget, region_size=region_size, strategy=strategy,
         features_dir=features_dir, model=model, annotated=annotated, pool=pool, seed=seed, device=device,
         batch_size=batch, workers=workers, reporter=Reporter(enabled=not quiet)))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import click
 
-
-def _echo_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, separators=(",", ":")))
+from simclr_path.cli.output import echo_json
 
 
 @click.command(
@@ -68,7 +65,7 @@ def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissu
     table = load_mpp_table(mpp_csv) if mpp_csv else None
     result = tile_slides(paths, out, spec, workers=workers, fallback_mpp=slide_mpp, mpp_table=table,
                          preview_dir=preview, reporter=Reporter(enabled=not quiet))
-    _echo_json(result.as_dict())
+    echo_json(result.as_dict())
     if not result.ok:
         sys.exit(1)
 
@@ -79,7 +76,7 @@ def info(stores):
     """Print a JSON summary of one or more patch stores (patches, patch size, mpp, per slide)."""
     from simclr_path.store import store_summary
 
-    _echo_json(store_summary(stores))
+    echo_json(store_summary(stores))
 
 
 @click.command(epilog="Example:\n\n  simclr-path coords patches.h5 --out clam_coords/")
@@ -90,7 +87,7 @@ def coords(stores, out):
     from simclr_path.store.coords_files import write_coords_files
 
     written = write_coords_files(list(stores), out)
-    _echo_json({"out": os.path.abspath(out), "files": len(written)})
+    echo_json({"out": os.path.abspath(out), "files": len(written)})
 
 
 COMMANDS = [tile, info, coords]

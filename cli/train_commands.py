@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from simclr_path.cli.options import apply_view_options, view_options
-from simclr_path.cli.tile_commands import _echo_json
+from simclr_path.cli.output import echo_json
 
 
 @click.command(
@@ -88,7 +88,7 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
     cfg = apply_view_options(cfg, **views)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)
     if summary is not None:  # rank 0 only
-        _echo_json(summary)
+        echo_json(summary)
 
 
 @click.command(
@@ -112,7 +112,7 @@ def export(source, out, fmt):
     from simclr_path.downstream.encoder import export_encoder
 
     meta = export_encoder(source, out, fmt)
-    _echo_json({"encoder": os.path.abspath(out), "timm_model": meta["timm_model"], "input_size": meta["input_size"],
+    echo_json({"encoder": os.path.abspath(out), "timm_model": meta["timm_model"], "input_size": meta["input_size"],
                 "patch_mpp": meta["patch_mpp"], "steps": meta["training"]["steps"]})
 
 
@@ -124,7 +124,7 @@ def demo(out, steps, quiet):
     """Run the whole chain on a built-in synthetic slide (CPU, a few minutes, no input)."""
     from simclr_path.demo import run_demo
 
-    _echo_json(run_demo(out, steps=steps, progress=not quiet))
+    echo_json(run_demo(out, steps=steps, progress=not quiet))
 
 
 COMMANDS = [pretrain, export, demo]

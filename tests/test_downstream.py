@@ -414,7 +414,7 @@ def test_embed_interrupted_then_rerun_equals_an_uninterrupted_run(tiny_encoder, 
 
 
 def test_embed_recomputes_slides_of_another_encoder_or_changed_patches(tiny_encoder, other_encoder, tmp_path):
-    from simclr_path.downstream.embed import file_sha256
+    from simclr_path.runtime.files import file_sha256
 
     root = _random_tiles(tmp_path / "tiles", {"a": 3, "b": 4, "c": 2})
     one_json(run_cli("ingest", root, "--out", tmp_path / "v1.h5"))

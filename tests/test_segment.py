@@ -10,6 +10,7 @@ import torch
 
 from cli_helpers import assert_error, one_json, run_cli
 from segment_helpers import export_random_encoder, gland_image, tile_images, write_gland_images
+from simclr_path.data.input_spec import InputSpec
 from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.segment.config import SegmentConfig
 from simclr_path.segment.data import (CUTMIX_AREA, LABELLED, UNLABELLED, SegmentationSamples, StepBatches, cutmix_boxes,
@@ -88,7 +89,7 @@ def test_label_problems_are_one_line_errors(glands, tmp_path):
         "wrong_size": ("img0.png", mask[:100, :150], [], "slide img0 is 192x160"),
         "unknown_value": ("img0.png", np.where(mask == 1, 3, mask).astype(np.uint8), ["--classes", "bg,gland"],
                           "class value(s) 3"),
-        "unknown_slide": ("nope.png", mask, [], "not in the stores"),
+        "unknown_slide": ("nope.png", mask, [], "names a slide of the stores"),
         "nothing_labelled": ("img0.png", np.full_like(mask, IGNORE), [], "no labelled pixel"),
     }
     for name, (file, array, extra, needle) in cases.items():
@@ -106,7 +107,7 @@ def test_weak_views_move_image_and_mask_together_and_strong_views_keep_the_geome
     _, _, masks, store_path = glands
     store = PatchStore(str(store_path))
     labels = load_labels(str(masks.parent / "masks"), store)  # every image labelled
-    dataset = SegmentationSamples(store, labels, 32)
+    dataset = SegmentationSamples(store, labels, InputSpec(32, (0.5,) * 3, (0.25,) * 3))
     index = next(i for i in range(len(store)) if 0.2 < (labels.patch_mask(store, i) == 1).mean() < 0.8)
     marker = np.zeros((32, 32, 3), np.uint8)
     marker[2:5, 2:20] = marker[2:12, 2:5] = 255  # an L: each of the 8 flips/rotations looks different
@@ -454,3 +455,34 @@ def test_stores_at_another_resolution_than_the_run_are_refused(glands, tmp_path)
     result = run_cli("predict", tmp_path / "run", finer, "--out", tmp_path / "pred", "--workers", "0", "-q")
     assert_error(result, "finer.h5", "--mpp 1")
     assert not (tmp_path / "pred").exists()
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_a_patch_enters_the_network_identically_in_training_and_at_inference(glands, tmp_path, image_size):
+    """Training's input of a patch (the loader's resize, then model_input) is, up to the weak view's
+    flip/rotation, the very tensor segment-eval and predict feed for it, read back from the run."""
+    from simclr_path.segment.infer import _PatchInputs
+    from simclr_path.segment.model import load_segment_run
+    from simclr_path.segment.train import build_segment_run, model_input
+
+    _train(glands, tmp_path, tmp_path / "run", max_steps=1, ssl="none", image_size=image_size)
+    _, meta = load_segment_run(str(tmp_path / "run"))
+    run = build_segment_run([str(glands[3])], str(tmp_path / "labels-img0-img1" / "labels"), str(tmp_path / "other"),
+                            SegmentConfig(**SegmentConfig.from_dict(
+                                yaml_config(tmp_path / "run" / "config.yaml")).__dict__))
+    dataset = SegmentationSamples(run.store, run.labels, run.spec)
+    index = int(run.labelled[0])
+    image, _ = dataset[(LABELLED, index, 0)]
+    trained = model_input(image[None], run)[0]
+    inference_uint8 = _PatchInputs(run.store, InputSpec.from_meta(meta))[index][0]
+    inference = InputSpec.from_meta(meta).to_model(inference_uint8[None])[0]
+    assert trained.shape == inference.shape == (3, image_size, image_size)
+    views = [torch.rot90(inference, k, dims=(1, 2)) for k in range(4)]
+    views += [torch.flip(v, dims=(2,)) for v in views]
+    assert any(torch.equal(trained, v) for v in views)
+
+
+def yaml_config(path):
+    import yaml
+
+    return yaml.safe_load(open(path))

@@ -215,7 +215,7 @@ def test_select_writes_qupath_geojson_csv_and_thumbnails_that_agree(encoder, sto
     assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
     slides = sorted({r["slide"] for r in rows})
     assert sorted(summary["files"]) == sorted(["regions.csv", *(f"{s}.geojson" for s in slides),
-                                               *(f"{s}.png" for s in slides)])
+                                               *(f"{s}.thumbnail.png" for s in slides)])
     for slide in slides:
         raw = json.loads((tmp_path / "out" / f"{slide}.geojson").read_text())
         assert raw["type"] == "FeatureCollection"
@@ -232,7 +232,7 @@ def test_select_writes_qupath_geojson_csv_and_thumbnails_that_agree(encoder, sto
             score = pytest.approx(float(row["score"]), rel=1e-5)  # the CSV has 6 significant digits
             assert properties["measurements"] == {"rank": int(row["rank"]), "score": score,
                                                   "area_um2": pytest.approx((w * MPP) ** 2)}
-        thumbnail = cv2.imread(str(tmp_path / "out" / f"{slide}.png"))
+        thumbnail = cv2.imread(str(tmp_path / "out" / f"{slide}.thumbnail.png"))
         first = next(r for r in rows if r["slide"] == slide)
         # patches are 16 px in the thumbnail (never finer than stored): a box edge at level-0 x / 2
         edge = thumbnail[int(first["y"]) // 2 + 8, int(first["x"]) // 2]
@@ -328,14 +328,14 @@ def test_features_from_embed_give_the_same_proposals_as_running_the_encoder(enco
 
 def test_a_rerun_replaces_the_proposals_of_slides_it_no_longer_proposes(encoder, store, tmp_path):
     one_json(_select(encoder, store, tmp_path / "out", "--budget", 32, "--region-size", 2, "--strategy", "random"))
-    assert (tmp_path / "out" / "a.geojson").exists() and (tmp_path / "out" / "b.png").exists()
+    assert (tmp_path / "out" / "a.geojson").exists() and (tmp_path / "out" / "b.thumbnail.png").exists()
     (tmp_path / "out" / "mine.geojson").write_text("{}")  # not ours: left alone
     summary = one_json(_select(encoder, store, tmp_path / "out", "--budget", 1, "--region-size", 2, "--strategy",
                                "random"))
     slide = summary["selected"][0]["slide"]
     other = {"a": "b", "b": "a"}[slide]
     assert (tmp_path / "out" / f"{slide}.geojson").exists()
-    assert not (tmp_path / "out" / f"{other}.geojson").exists() and not (tmp_path / "out" / f"{other}.png").exists()
+    assert not (tmp_path / "out" / f"{other}.geojson").exists() and not (tmp_path / "out" / f"{other}.thumbnail.png").exists()
     assert (tmp_path / "out" / "mine.geojson").exists()
 
 
@@ -404,7 +404,7 @@ def test_hybrid_embeds_only_its_pool_and_ranks_as_with_every_feature(encoder, st
     assert [r["score"] for r in summary["selected"]] == pytest.approx(scores.tolist(), abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["no-model", "model-with-kcenter", "stray-file", "not-geojson", "colour-mask",
+@pytest.mark.parametrize("case", ["no-model", "model-with-kcenter", "not-geojson", "colour-mask",
                                   "out-is-annotated"])
 def test_select_problems_are_one_line_errors_that_write_nothing(encoder, store, tmp_path, case):
     annotated = tmp_path / "annotated"
@@ -414,15 +414,12 @@ def test_select_problems_are_one_line_errors_that_write_nothing(encoder, store, 
         args, needles = args + ["--strategy", "entropy"], ("--strategy entropy needs --model",)
     elif case == "model-with-kcenter":
         args, needles = args + ["--model", tmp_path], ("--model is used by --strategy entropy or hybrid",)
-    elif case == "stray-file":
-        write_geojson(annotated / "c.geojson", [])
-        args, needles = args + ["--annotated", annotated], ("c.geojson", "names no slide", "a, b")
     elif case == "not-geojson":
         (annotated / "a.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": []}))
         args, needles = args + ["--annotated", annotated], ("a.geojson", "not GeoJSON", "export annotations")
     elif case == "colour-mask":
         cv2.imwrite(str(annotated / "a.png"), np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8))
-        args, needles = args + ["--annotated", annotated], ("a.png", "one 8-bit channel of class indices")
+        args, needles = args + ["--annotated", annotated], ("a.png", "a colour RGB mask", "greyscale or palette PNG")
     else:
         out, args, needles = annotated, args + ["--annotated", annotated], ("also the --annotated folder",)
     assert_error(_select(encoder, store, out, *args), *needles)

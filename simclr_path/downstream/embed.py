@@ -43,8 +43,8 @@ import torch
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.features import EncoderInputs
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.files import file_sha256
 from simclr_path.store import PatchStore
-from simclr_path.store.reader import output_name
 from simclr_path.store.format import SLIDES, SPEC_KEYS, open_h5
 
 COMBINED = "features.h5"
@@ -64,15 +64,6 @@ class _Slide:
     @property
     def n(self) -> int:
         return self.end - self.start
-
-
-def file_sha256(path: str, block: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (the encoder's identity: any re-export or retraining changes it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _plain(value):
@@ -103,7 +94,7 @@ def _slide_key(spec: list, group: h5py.Group) -> str:
 def _slides(store: PatchStore) -> list[_Slide]:
     """Every slide with patches, in store order, with its output name and key."""
     ranges = iter(store.slide_ranges())
-    slides, used = [], set()
+    slides = []
     for path, attrs in zip(store.paths, store.attrs):
         spec = [(k, _plain(attrs.get(k))) for k in (*SPEC_KEYS, "jpeg_quality")]
         with open_h5(path, "r") as f:
@@ -111,11 +102,10 @@ def _slides(store: PatchStore) -> list[_Slide]:
                 n = int(group["coords"].shape[0])
                 if n == 0:
                     continue
-                listed, start, end = next(ranges, (None, 0, 0))
-                if listed != name or end - start != n:
+                key, start, end = next(ranges, (None, 0, 0))
+                if key is None or store.slide_source(key)[1] != name or end - start != n:
                     raise SimclrPathError(f"{path}: the store changed while being read; rerun when it is complete")
-                out = output_name(name, path, used)
-                slides.append(_Slide(name, out, os.path.abspath(path), start, end, _slide_key(spec, group)))
+                slides.append(_Slide(name, key, os.path.abspath(path), start, end, _slide_key(spec, group)))
     return slides
 
 

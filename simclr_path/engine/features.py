@@ -1,8 +1,8 @@
 """Running an encoder over many images: preprocessing to its input, batched inference.
 
-Images are resized to the encoder's input size (area interpolation when shrinking, linear when
-enlarging), scaled to [0, 1] and standardised with the encoder's mean/std, exactly as in
-pretraining. On CUDA the forward runs under bf16 autocast; features come back as float32.
+Images become encoder inputs through :mod:`simclr_path.data.input_spec` (resized by the house
+rule, scaled to [0, 1] and standardised with the encoder's mean/std), exactly as in pretraining's
+kNN check and in ``segment``. On CUDA the forward runs under bf16 autocast; features come back as float32.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
-from simclr_path.data.normalize import normalize
+from simclr_path.data.input_spec import to_model_input
+from simclr_path.runtime.images import resize_image
 from simclr_path.store.ingest import read_image
 
 
@@ -32,10 +32,7 @@ class EncoderInputs(torch.utils.data.Dataset):
         image = self.images[index]
         if isinstance(image, (str, Path)):
             image = read_image(Path(image))
-        if image.shape[:2] != (self.size, self.size):
-            shrink = image.shape[0] > self.size
-            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(resize_image(image, self.size).transpose(2, 0, 1)))
 
 
 @torch.no_grad()
@@ -49,7 +46,7 @@ def extract_features(model: torch.nn.Module, images: Sequence, size: int, mean, 
     model.eval()
     out = []
     for batch in loader:
-        x = normalize(batch.to(device, non_blocking=True), mean, std)
+        x = to_model_input(batch, mean, std, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(x).float().cpu())
         if on_batch is not None:

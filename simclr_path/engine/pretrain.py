@@ -27,7 +27,7 @@ import torch
 
 from simclr_path.data.datasets import TwoViewDataset
 from simclr_path.data.loader import RunSampler, build_loader, choose_prefetch, run_batches
-from simclr_path.data.normalize import normalize
+from simclr_path.data.input_spec import to_model_input
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from simclr_path.engine.config import PretrainConfig, changed_settings, save_config, upgrade_config_dict
 from simclr_path.engine.gradients import cached_loss_and_backward, choose_chunk, loss_and_backward
@@ -113,14 +113,10 @@ def is_sync_step(run: Run, step: int) -> bool:
 
 
 def model_input(batch: torch.Tensor, run: Run) -> torch.Tensor:
-    """(2B, S, S, 3) uint8 from the loader -> normalised float (2B, 3, S, S) on the device.
-
-    The permute of an NHWC tensor is already channels_last in memory; normalising keeps that layout.
-    """
-    views = batch.to(run.device, non_blocking=True).permute(0, 3, 1, 2)
-    views = normalize(views, run.mean, run.std)
-    return views.contiguous(memory_format=torch.channels_last if run.cfg.model.channels_last
-                            else torch.contiguous_format)
+    """(2B, S, S, 3) uint8 from the loader -> normalised float (2B, 3, S, S) on the device
+    (:func:`~simclr_path.data.input_spec.to_model_input`, as every other command's input)."""
+    return to_model_input(batch, run.mean, run.std, run.device, channels_last=run.cfg.model.channels_last,
+                          layout="NHWC")
 
 
 def read_losses(pending: list[torch.Tensor], stop_requested: bool, device) -> tuple[list[float], bool]:

@@ -1,7 +1,9 @@
-"""Writing output images atomically: a temporary file beside the target, then a rename."""
+"""Files: writing output images atomically (a temporary file beside the target, then a rename), and a
+file's content digest (the identity of an encoder or a label file)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -31,3 +33,12 @@ def write_png(path: str, image: np.ndarray) -> None:
             os.remove(tmp)
         raise SimclrPathError(f"{path}: cannot write the PNG ({exc.strerror or exc}); choose a folder you can write")\
             from None
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (an encoder's identity: any re-export or retraining changes it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

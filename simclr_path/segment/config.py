@@ -8,19 +8,20 @@ from dataclasses import asdict, dataclass, fields
 import yaml
 
 from simclr_path.errors import SimclrPathError
+from simclr_path.segment.masks import MASK_FORMATS
 
 #: Random initialisation instead of an exported encoder: ``timm:<model name>`` (a baseline).
 RANDOM_INIT_PREFIX = "timm:"
 #: Settings that define the run; a resume with any of them changed is refused.
 FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
                    "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed",
-                   "warmup_steps", "mask_downsample")
+                   "warmup_steps", "mask_downsample", "mask_format")
 
 #: Settings that shape only FixMatch training: a supervised-only run (``ssl: none``) ignores them.
 FIXMATCH_ONLY = ("threshold", "rampup", "cutmix", "unlabeled_ratio", "ema")
 
 #: Settings added after the first release, as runs saved before them trained (no CutMix).
-PREDATED = {"cutmix": 0.0}
+PREDATED = {"cutmix": 0.0, "mask_format": "index"}
 
 #: Default schedule lengths in passes over the labelled patches. FixMatch needs the longer one: its
 #: EMA teacher is confident on few pixels early on (bench/active_learning.py, GlaS, 5% labelled,
@@ -57,6 +58,8 @@ class SegmentConfig:
             patch pasted in, with the teacher's pseudo-labels moved along (default 0.5; 0: off).
         ema: decay of the teacher's exponential moving average of the student (default 0.99).
         mask_downsample: level-0 px per mask px of the label masks (None: inferred from mask size).
+        mask_format: what mask values mean: ``auto`` (default), ``index`` or ``binary``
+            (:mod:`simclr_path.segment.masks`); the run records what ``auto`` resolved to.
         seed, device, workers, log_every, checkpoint_every: as in ``pretrain``.
     """
 
@@ -78,6 +81,7 @@ class SegmentConfig:
     cutmix: float = 0.5
     ema: float = 0.99
     mask_downsample: float | None = None
+    mask_format: str = "auto"
     seed: int = 0
     device: str = "auto"
     workers: int = 2
@@ -104,6 +108,8 @@ class SegmentConfig:
             (self.log_every >= 1 and self.checkpoint_every >= 1, "--log-every and --checkpoint-every must be >= 1"),
             (self.mask_downsample is None or self.mask_downsample > 0,
              f"--mask-downsample must be > 0, got {self.mask_downsample}"),
+            (self.mask_format in MASK_FORMATS,
+             f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {self.mask_format!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from simclr_path.data.input_spec import InputSpec
 from simclr_path.segment.labels import LabelSet
 from simclr_path.store import PatchStore
 
@@ -93,23 +94,20 @@ def sample_seed(seed: int, step: int, slot: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int):
-    """Image (area when shrinking, linear when enlarging) and mask (nearest) to ``size`` x ``size``."""
-    if image.shape[0] != size:
-        shrink = image.shape[0] > size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        if mask is not None:
-            mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    return image, mask
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, spec: InputSpec):
+    """Image (the input spec's resize, as at inference) and mask (nearest) to the network's input side."""
+    if mask is not None and mask.shape[:2] != (spec.size, spec.size):
+        mask = cv2.resize(mask, (spec.size, spec.size), interpolation=cv2.INTER_NEAREST)
+    return spec.resize(image), mask
 
 
 class SegmentationSamples(torch.utils.data.Dataset):
     """``dataset[(kind, index, seed)]``: a labelled sample ``(image, mask)`` or an unlabelled one
     ``(weak, strong)``; images uint8 (S, S, 3), masks uint8 (S, S) with 255 unlabelled."""
 
-    def __init__(self, store: PatchStore, labels: LabelSet, image_size: int):
-        self.store, self.labels, self.image_size = store, labels, image_size
-        self.weak, self.strong = weak_transform(), strong_transform(image_size)
+    def __init__(self, store: PatchStore, labels: LabelSet, spec: InputSpec):
+        self.store, self.labels, self.spec = store, labels, spec
+        self.weak, self.strong = weak_transform(), strong_transform(spec.size)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -119,10 +117,10 @@ class SegmentationSamples(torch.utils.data.Dataset):
         self._seed(seed)
         image = self.store[index]
         if kind == LABELLED:
-            image, mask = resize_pair(image, self.labels.patch_mask(self.store, index), self.image_size)
+            image, mask = resize_pair(image, self.labels.patch_mask(self.store, index), self.spec)
             out = self.weak(image=image, mask=mask)
             return torch.from_numpy(np.ascontiguousarray(out["image"])), torch.from_numpy(np.ascontiguousarray(out["mask"]))
-        image, _ = resize_pair(image, None, self.image_size)
+        image, _ = resize_pair(image, None, self.spec)
         weak = np.ascontiguousarray(self.weak(image=image)["image"])
         strong = np.ascontiguousarray(self.strong(image=weak)["image"])
         return torch.from_numpy(weak), torch.from_numpy(strong)

@@ -3,21 +3,26 @@
 Two sources of truth:
 
 * images mode (``images_dir`` + ``masks_dir``): plain images (png, jpg, jpeg, tif, tiff, bmp) and,
-  for each, a mask ``<image stem>.png`` in the masks folder: one 8-bit channel of the image's size,
-  class index per pixel, 255 = not scored. The pairing is strict: an image without a mask, a mask
-  without an image, a mask of another size or with a value that is neither a class index nor 255
-  stops the evaluation with a one-line error naming the file, before anything is predicted or
-  written. Each image is predicted whole (:func:`~simclr_path.segment.infer.predict_image`), at
+  for each, a mask ``<image stem>.png`` (any case) in the masks folder, of the image's size, read
+  in the mask format (:mod:`simclr_path.segment.masks`: class index per pixel with 255 = not
+  scored, or binary 0/255 masks, which ``auto`` recognises). An image without a mask, a mask of
+  another size or with a value that is neither one of the run's class indices nor 255 stops the
+  evaluation with a one-line error naming the file, before anything is predicted or written;
+  masks without an image (a dataset's masks for images not in this run) are skipped with a
+  warning. Each image is predicted whole (:func:`~simclr_path.segment.infer.predict_image`), at
   the model's input resolution when ``mpp`` (the images' um/px) and the run's input resolution are
   known, else as if at the training store's resolution.
-* stores mode (``stores`` + ``labels_dir``): the labelled patches of tiled stores with labels in
-  ``segment``'s format (see :mod:`simclr_path.segment.labels`), scored on their labelled pixels and
-  reported per slide.
+* stores mode (``stores`` + ``labels_dir``): the labelled slides of tiled stores with labels in
+  ``segment``'s format (see :mod:`simclr_path.segment.labels`). The patches holding a labelled
+  pixel are predicted and pasted into one class map per slide as ``predict`` makes it (mean
+  probabilities where patches overlap), so each slide pixel is scored once however much the
+  patches overlap (``tile --overlap``); reported per slide.
 
 Scores are pooled pixel counts (:class:`~simclr_path.segment.scores.ConfusionCounter`): ``overall``
 over every scored pixel, one entry per image (or slide), and ``mean_per_image``, the mean over
 images of each class's Dice and IoU (images where a class is absent from truth and prediction do
-not count for that class). ``overlay_dir`` gets one PNG per image (per labelled patch in stores
+not count for that class). The headline ``mean_dice``/``mean_iou`` are over the foreground classes
+(every class but class 0); background's scores are reported beside them. ``overlay_dir`` gets one PNG per image (per labelled patch in stores
 mode) with the true outlines in green and the predicted ones in magenta.
 """
 
@@ -32,16 +37,16 @@ import numpy as np
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter, log
 from simclr_path.runtime.device import resolve_device
-from simclr_path.segment.infer import predict_image, predict_patches
+from simclr_path.segment.infer import predict_image
 from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.runtime.files import write_png
-from simclr_path.segment.masks import IGNORE, read_class_mask
+from simclr_path.segment.masks import IGNORE, class_mask, decode_mask, is_mask_file, resolve_mask_format
+from simclr_path.segment.predict import predict_slide_mask
 from simclr_path.segment.scores import ConfusionCounter, nan_mean
 from simclr_path.store.ingest import read_image
-from simclr_path.store.reader import PatchStore, PatchSubset
+from simclr_path.store.reader import PatchStore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-MASK_EXTENSION = ".png"
 TRUTH_RGB = (0, 255, 0)
 PREDICTION_RGB = (255, 0, 255)
 
@@ -49,7 +54,7 @@ PREDICTION_RGB = (255, 0, 255)
 def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir: str | None = None,
                           mpp: float | None = None, stores: list[str] | None = None, labels_dir: str | None = None,
                           device: str = "auto", overlay_dir: str | None = None, batch_size: int = 8,
-                          workers: int = 2, reporter: Reporter | None = None) -> dict:
+                          workers: int = 2, reporter: Reporter | None = None, mask_format: str = "auto") -> dict:
     """Score the segment run ``run`` (folder or checkpoint) on images + masks or on labelled stores.
 
     Args:
@@ -60,6 +65,7 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
         overlay_dir: folder for ``<image stem>.png`` outline overlays (created if needed).
         batch_size: windows (images mode) or patches (stores mode) per forward pass.
         workers: DataLoader processes reading patches (stores mode).
+        mask_format: what the truth masks' values mean (``auto``, ``index``, ``binary``).
 
     Returns:
         ``{"run", "mode", "classes", "images": [{"name", "dice", "iou", "mean_dice", "mean_iou",
@@ -79,12 +85,13 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
     classes = list(meta["classes"])
     reporter = reporter or Reporter(enabled=False)
     if images_mode:
-        pairs = pair_images(images_dir, masks_dir, len(classes))
+        pairs, mask_format = pair_images(images_dir, masks_dir, len(classes), mask_format)
         _check_resolution(meta, mpp)
-        entries, overall = _evaluate_images(model, meta, pairs, mpp, resolved, overlay_dir, batch_size, reporter)
+        entries, overall = _evaluate_images(model, meta, pairs, mpp, resolved, overlay_dir, batch_size, reporter,
+                                            mask_format)
     else:
         entries, overall = _evaluate_stores(run, model, meta, list(stores), labels_dir, resolved, overlay_dir,
-                                            batch_size, workers, reporter)
+                                            batch_size, workers, reporter, mask_format)
     return {
         "run": str(run),
         "mode": "images" if images_mode else "stores",
@@ -95,12 +102,13 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
     }
 
 
-def pair_images(images_dir: str, masks_dir: str, num_classes: int) -> list[tuple[str, Path, Path]]:
-    """``(stem, image, mask)`` of every image, sorted by stem, after checking every pair.
+def pair_images(images_dir: str, masks_dir: str, num_classes: int,
+                mask_format: str = "auto") -> tuple[list[tuple[str, Path, Path]], str]:
+    """``((stem, image, mask) of every image sorted by stem, the resolved mask format)``, every pair checked.
 
-    Raises :class:`SimclrPathError` (naming the file) for an image without a mask, a mask without
-    an image, two images with one stem, an unreadable file, a mask that is not one 8-bit channel,
-    a mask of another size than its image, or a mask value that is neither < ``num_classes`` nor 255.
+    Raises :class:`SimclrPathError` (naming the file) for an image without a mask, two images with
+    one stem, an unreadable file, a mask of another size than its image, or a mask value that is
+    neither < ``num_classes`` nor 255. Masks without an image are skipped with a warning.
     """
     for folder, option in ((images_dir, "--images"), (masks_dir, "--masks")):
         if not os.path.isdir(folder):
@@ -116,27 +124,38 @@ def pair_images(images_dir: str, masks_dir: str, num_classes: int) -> list[tuple
             images[path.stem] = path
     if not images:
         raise SimclrPathError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    masks = {p.stem: p for p in sorted(Path(masks_dir).iterdir())
-             if p.suffix.lower() == MASK_EXTENSION and p.is_file() and not p.name.startswith(".")}
+    masks: dict[str, Path] = {}
+    for p in sorted(Path(masks_dir).iterdir()):
+        if is_mask_file(p.name) and p.is_file():
+            if p.stem in masks:
+                raise SimclrPathError(f"{p}: another mask, {masks[p.stem].name}, has the same name; keep one")
+            masks[p.stem] = p
     for stem, path in images.items():
         if stem not in masks:
-            raise SimclrPathError(f"{path}: no mask {stem}{MASK_EXTENSION} in {masks_dir}; add it or move the "
-                                  "image out")
-    for stem, path in masks.items():
-        if stem not in images:
-            raise SimclrPathError(f"{path}: a mask without an image {stem}.* in {images_dir}; add the image or "
-                                  "move the mask out")
+            raise SimclrPathError(f"{path}: no mask {stem}.png in {masks_dir}; add it or move the image out")
+    extra = sorted(stem for stem in masks if stem not in images)
+    if extra:
+        shown = ", ".join(masks[stem].name for stem in extra[:3]) + (", ..." if len(extra) > 3 else "")
+        log(f"warning: {masks_dir}: skipped {len(extra)} mask(s) without an image in {images_dir} ({shown})")
     pairs = [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+    decoded = {str(mask_path): decode_mask(str(mask_path)) for _, _, mask_path in pairs}
+    resolved, note = resolve_mask_format(mask_format, decoded)
+    if note:
+        log(f"{masks_dir}: {note}")
     for _, image_path, mask_path in pairs:
         shape = read_image(image_path).shape[:2]
-        read_mask(mask_path, num_classes, shape)
-    return pairs
+        _checked(class_mask(decoded[str(mask_path)], resolved), mask_path, num_classes, shape)
+    return pairs, resolved
 
 
-def read_mask(path: Path, num_classes: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 (H, W) class mask at ``path``, checked: one 8-bit channel, values < ``num_classes`` or 255,
-    and (when given) ``shape`` = (H, W) of its image."""
-    mask = read_class_mask(str(path))
+def read_mask(path: Path, num_classes: int, shape: tuple[int, int] | None = None,
+              mask_format: str = "index") -> np.ndarray:
+    """uint8 (H, W) class mask at ``path`` read in ``mask_format`` (``index`` or ``binary``), checked:
+    values < ``num_classes`` or 255, and (when given) ``shape`` = (H, W) of its image."""
+    return _checked(class_mask(decode_mask(str(path)), mask_format), path, num_classes, shape)
+
+
+def _checked(mask: np.ndarray, path, num_classes: int, shape: tuple[int, int] | None) -> np.ndarray:
     if shape is not None and mask.shape != tuple(shape):
         raise SimclrPathError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image is "
                               f"{shape[1]}x{shape[0]}; save the mask at the image's size")
@@ -160,7 +179,7 @@ def _check_resolution(meta: dict, mpp: float | None) -> None:
             "are assumed to be at the training patches' resolution")
 
 
-def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, reporter):
+def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, reporter, mask_format):
     classes = meta["classes"]
     overall = ConfusionCounter(len(classes))
     entries = []
@@ -170,7 +189,7 @@ def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, r
     try:
         for stem, image_path, mask_path in pairs:
             rgb = read_image(image_path)
-            truth = read_mask(mask_path, len(classes), rgb.shape[:2])
+            truth = read_mask(mask_path, len(classes), rgb.shape[:2], mask_format)
             probs = predict_image(model, meta, rgb, mpp, device=device, batch_size=batch_size)
             pred = probs.argmax(axis=0).astype(np.uint8)
             counter = ConfusionCounter(len(classes))
@@ -185,49 +204,69 @@ def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, r
     return entries, overall
 
 
-def _evaluate_stores(run, model, meta, stores, labels_dir, device, overlay_dir, batch_size, workers, reporter):
-    from simclr_path.segment.labels import load_labels
+def _evaluate_stores(run, model, meta, stores, labels_dir, device, overlay_dir, batch_size, workers, reporter,
+                     mask_format):
+    from simclr_path.segment.labels import load_labels, patch_extent
 
     classes = meta["classes"]
     store = PatchStore(stores)
     check_store_resolution(store, meta, run)
-    labels = load_labels(labels_dir, store, classes)
+    labels = load_labels(labels_dir, store, classes, mask_format=mask_format, every_class_labelled=False)
     indices = labels.labelled_indices(store)
     if not len(indices):
         raise SimclrPathError(f"{labels_dir}: no patch of the stores has a labelled pixel; check that the labels "
                               "cover tissue that was tiled")
     if overlay_dir:
         _make_folder(overlay_dir)
-    per_slide: dict[str, ConfusionCounter] = {}
+    entries = []
     overall = ConfusionCounter(len(classes))
-    reporter.start(slides=1)
-    reporter.add_patches(len(indices))
+    slides = [(key, start, end, indices[(indices >= start) & (indices < end)])
+              for key, start, end in store.slide_ranges()]
+    slides = [slide for slide in slides if len(slide[3])]
+    reporter.start(slides=len(slides))
     try:
-        for positions, probs in predict_patches(model, meta, PatchSubset(store, indices), device=device,
-                                                batch_size=batch_size, workers=workers):
-            for position, p in zip(positions, probs):
-                index = int(indices[position])
-                slide, x, y = store.coords(index)
-                truth = labels.patch_mask(store, index)
-                pred = p.argmax(axis=0).astype(np.uint8)
-                per_slide.setdefault(slide, ConfusionCounter(len(classes))).update(pred, truth)
-                overall.update(pred, truth)
-                if overlay_dir:
-                    write_png(os.path.join(overlay_dir, f"{slide}_{x}_{y}.png"), overlay(store[index], truth, pred))
-            reporter.patches_done(len(positions))
-        reporter.advance_slide()
+        for key, start, end, chosen in slides:
+            reporter.add_patches(len(chosen))
+            pred, d, _ = predict_slide_mask(model, meta, store, key, start, end, downsample=None, device=device,
+                                            batch_size=batch_size, workers=workers, on_batch=reporter.patches_done,
+                                            local=chosen - start)
+            height, width = pred.shape
+            truth = labels.slides[key].region((0.0, 0.0), (width * d, height * d), (width, height),
+                                              labels.class_index)
+            uncovered = pred == IGNORE  # no labelled patch there: not scored
+            truth[uncovered] = IGNORE
+            pred[uncovered] = 0
+            counter = ConfusionCounter(len(classes))
+            counter.update(pred, truth)
+            overall.merge(counter)
+            entries.append({"name": key, **counter.as_dict(classes)})
+            if overlay_dir:
+                _patch_overlays(overlay_dir, store, labels, key, chosen, pred, d,
+                                patch_extent(store, key))
+            reporter.advance_slide()
     finally:
         reporter.stop()
-    entries = [{"name": slide, **per_slide[slide].as_dict(classes)}
-               for slide in store.slide_names if slide in per_slide]
     return entries, overall
+
+
+def _patch_overlays(folder, store, labels, key, chosen, pred, d, extent) -> None:
+    """``<slide>_<x>_<y>.png`` of each labelled patch: its truth and the slide map's prediction there."""
+    size = store.patch_size
+    for index in chosen:
+        _, x, y = store.coords(int(index))
+        centres = (np.arange(size) + 0.5) * (extent / size)
+        cols = np.clip(np.floor((x + centres) / d).astype(np.int64), 0, pred.shape[1] - 1)
+        rows = np.clip(np.floor((y + centres) / d).astype(np.int64), 0, pred.shape[0] - 1)
+        write_png(os.path.join(folder, f"{key}_{x}_{y}.png"),
+                  overlay(store[int(index)], labels.patch_mask(store, int(index)), pred[np.ix_(rows, cols)]))
 
 
 def _mean_per_image(entries: list[dict], classes: list[str]) -> dict:
     out = {}
     for score in ("dice", "iou"):
         out[score] = {name: nan_mean([e[score][name] for e in entries]) for name in classes}
-        out[f"mean_{score}"] = nan_mean([e[f"mean_{score}"] for e in entries])
+        out[f"mean_{score}"] = nan_mean([e[f"mean_{score}"] for e in entries])  # foreground classes
+        out[f"background_{score}"] = nan_mean([e[f"background_{score}"] for e in entries])
     return out
 
 

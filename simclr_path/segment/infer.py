@@ -1,8 +1,8 @@
 """Running a trained segmentation Unet: class probabilities of store patches and of whole images.
 
-Preprocessing is the training's, exactly: a patch of P x P uint8 RGB pixels is resized to the
-network input side S (``meta["image_size"]``; area interpolation when shrinking, linear when
-enlarging), scaled to [0, 1] and standardised with ``meta["mean"]``/``meta["std"]``. The softmax of
+Preprocessing is the training's, exactly: the run's :class:`~simclr_path.data.input_spec.InputSpec`
+(from its ``image_size``, ``mean`` and ``std``) resizes a P x P uint8 RGB patch to the network input
+side S and normalises it, the same calls ``segment`` trained through. The softmax of
 the (N, C, S, S) logits is resized (bilinear) back to P x P, so probabilities are always at the
 pixels that went in. On CUDA the forward runs under bf16 autocast; probabilities come back float32.
 
@@ -24,26 +24,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_path.data.normalize import normalize
+from simclr_path.data.input_spec import InputSpec
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.device import resolve_device
+from simclr_path.runtime.images import resize_image
 from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.store.reader import PatchSubset
-
-
-def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` (H, W, 3) uint8 resized to size x size as in training: area when shrinking, linear when enlarging."""
-    if image.shape[:2] == (size, size):
-        return image
-    shrink = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 class _PatchInputs(torch.utils.data.Dataset):
     """(uint8 (3, S, S) network input, (H, W) original side in pixels) of each of ``images``."""
 
-    def __init__(self, images: Sequence, size: int):
-        self.images, self.size = images, size
+    def __init__(self, images: Sequence, spec: InputSpec):
+        self.images, self.spec = images, spec
 
     def __len__(self) -> int:
         return len(self.images)
@@ -52,13 +45,13 @@ class _PatchInputs(torch.utils.data.Dataset):
         image = np.asarray(self.images[index])
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image {index} is {image.dtype} {image.shape}; expected H x W x 3 uint8 RGB")
-        tensor = torch.from_numpy(np.ascontiguousarray(resize_to_input(image, self.size).transpose(2, 0, 1)))
+        tensor = torch.from_numpy(np.ascontiguousarray(self.spec.resize(image).transpose(2, 0, 1)))
         return tensor, torch.tensor(image.shape[:2])
 
 
 def _softmax_logits(model: torch.nn.Module, batch: torch.Tensor, meta: dict, device: torch.device) -> torch.Tensor:
     """Softmax probabilities (N, C, S, S) float32 on ``device`` of uint8 network inputs (N, 3, S, S)."""
-    x = normalize(batch.to(device, non_blocking=True), meta["mean"], meta["std"])
+    x = InputSpec.from_meta(meta).to_model(batch, device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x)
     return torch.softmax(logits.float(), dim=1)
@@ -90,7 +83,7 @@ def predict_patches(model: torch.nn.Module, meta: dict, images: Sequence, *, dev
     if workers < 0:
         raise SimclrPathError(f"--workers must be >= 0, got {workers}")
     loader = torch.utils.data.DataLoader(
-        _PatchInputs(images, int(meta["image_size"])), batch_size=batch_size, shuffle=False, num_workers=workers,
+        _PatchInputs(images, InputSpec.from_meta(meta)), batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves global RNG alone
     )
     was_training = model.training
@@ -165,7 +158,7 @@ def _rescaled(rgb: np.ndarray, factor: float) -> np.ndarray:
         return rgb
     height, width = rgb.shape[:2]
     size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    return resize_image(rgb, size)
 
 
 def input_scale(meta: dict, image_mpp: float | None) -> float:

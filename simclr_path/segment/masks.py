@@ -1,38 +1,163 @@
-"""Class masks on disk: one 8-bit channel, a class index per pixel, 255 where there is no class.
+"""Class masks on disk: what each pixel value of a label or truth PNG means.
 
-One reader for every command that takes or writes masks (``segment``'s labels,
-``segment-eval``'s truth, ``select --annotated``, ``predict``'s output), so a mask one command
-accepts no other refuses; they are written with :func:`simclr_path.runtime.files.write_png`.
+One reader for every command that takes masks (``segment``'s labels, ``segment-eval``'s truth,
+``select --annotated``), so a mask one command accepts no other reads differently. Our own
+convention (the ``index`` format, also what ``predict`` writes): one 8-bit channel, a class index
+per pixel, 255 where there is no class (unlabelled, not scored).
+
+Masks as datasets ship them are decoded with Pillow, which keeps what the file says:
+
+* 8-bit greyscale (``L``), or colour images whose channels are all equal: the values as stored;
+* 1-bit PNGs (``1``, e.g. ``Image.fromarray(bool_array).save()``): 0 and 1 (OpenCV would give 0 and
+  255, which reads as "background + unlabelled");
+* palette PNGs (``P``, e.g. Pascal VOC style): the palette *indices*, not the colours;
+* greyscale with alpha (``LA``, as MoNuSeg ships): the grey value; fully transparent pixels are
+  unlabelled when the alpha channel is not constant;
+* 16-bit greyscale whose values fit 8 bits: the values. Colour-coded masks and instance masks (values
+  above 255) are refused with a one-line error.
+
+The **mask format** says what the decoded values mean, for a whole folder at once:
+
+* ``index``: class index per pixel, 255 = unlabelled;
+* ``binary``: 0 = background (class 0), any other value = the first foreground class (class 1);
+  transparent pixels are still unlabelled;
+* ``auto`` (the default): ``binary`` when the folder's masks hold only 0 and 255 (GlaS-style 0/255
+  masks: as ``index`` they would mean "background + unlabelled" and could never train or score a
+  foreground class), else ``index``. The choice is said on stderr.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from simclr_path.errors import SimclrPathError
 
 #: The mask value of a pixel with no class: unlabelled (labels), not scored (truth), not covered (predictions).
 IGNORE = 255
+#: What ``--mask-format`` takes.
+MASK_FORMATS = ("auto", "index", "binary")
+#: File name suffix of every mask (any case: ``.png``, ``.PNG``).
+MASK_SUFFIX = ".png"
+#: File name suffix of ``select``'s thumbnails, never read as masks even though they are PNGs.
+THUMBNAIL_SUFFIX = ".thumbnail.png"
+
+_FORMAT_HINT = "save masks as one-channel PNGs (class index per pixel, 255 = unlabelled) or 0/255 binary masks"
 
 
-def read_class_mask(path: str) -> np.ndarray:
-    """uint8 (H, W) mask at ``path``. A grey image saved as three equal channels is taken as one."""
-    mask = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
-    if mask is None:
-        raise SimclrPathError(f"{path}: not a readable PNG mask; save masks as one-channel PNGs "
-                              "(class index per pixel, 255 = unlabelled)")
-    if mask.ndim == 3 and mask.dtype == np.uint8 and all(np.array_equal(mask[..., 0], mask[..., c])
-                                                          for c in range(1, mask.shape[2])):
-        mask = np.ascontiguousarray(mask[..., 0])
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise SimclrPathError(
-            f"{path}: a mask must be one 8-bit channel of class indices (got shape {mask.shape}, {mask.dtype}); "
-            "save it as a grayscale PNG"
-        )
-    return mask
+def is_mask_file(file_name: str) -> bool:
+    """Whether ``file_name`` is a mask by its name: ``*.png`` in any case, not a ``select`` thumbnail."""
+    lower = file_name.lower()
+    return lower.endswith(MASK_SUFFIX) and not lower.endswith(THUMBNAIL_SUFFIX) and not file_name.startswith(".")
+
+
+@dataclass
+class DecodedMask:
+    """A mask file's pixel values as stored, before the mask format gives them a meaning.
+
+    Attributes:
+        values: uint8 (H, W) decoded values (palette indices for palette PNGs).
+        transparent: (H, W) bool, True where the alpha channel says "no label"; None without one.
+        mode: Pillow's image mode of the file (``L``, ``1``, ``P``, ``LA``...), named in messages.
+    """
+
+    values: np.ndarray
+    transparent: np.ndarray | None
+    mode: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape
+
+    def value_set(self) -> set[int]:
+        """The distinct values of the labelled (non-transparent) pixels."""
+        values = self.values if self.transparent is None else self.values[~self.transparent]
+        return {int(v) for v in np.unique(values)}
+
+
+def decode_mask(path: str) -> DecodedMask:
+    """The pixel values of the PNG mask at ``path`` (see the module docstring for each image mode)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SimclrPathError(f"{path}: no such mask file; {_FORMAT_HINT}")
+    if os.path.getsize(path) == 0:
+        raise SimclrPathError(f"{path}: the mask file is empty (0 bytes); write it again")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            array = np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise SimclrPathError(f"{path}: not a readable PNG mask ({reason}); {_FORMAT_HINT}") from None
+    transparent = None
+    if mode == "1":
+        values = array.astype(np.uint8)
+    elif mode in ("L", "P"):
+        values = array.astype(np.uint8, copy=False)
+    elif mode == "LA":
+        values, alpha = array[..., 0], array[..., 1]
+        transparent = alpha == 0 if alpha.min() != alpha.max() else None
+    elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise SimclrPathError(
+                f"{path}: a {mode} mask with values up to {int(array.max())} (an instance mask?); class masks hold "
+                "class indices 0-254 (255 = unlabelled); convert it to a class mask")
+        values = array.astype(np.uint8)
+    elif mode in ("RGB", "RGBA"):
+        colour, alpha = array[..., :3], array[..., 3] if mode == "RGBA" else None
+        if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+            raise SimclrPathError(
+                f"{path}: a colour {mode} mask; masks hold one class index per pixel, not colours: "
+                "save it as a greyscale or palette PNG of class indices")
+        values = np.ascontiguousarray(colour[..., 0])
+        if alpha is not None and alpha.min() != alpha.max():
+            transparent = alpha == 0
+    else:
+        raise SimclrPathError(f"{path}: a {mode} image is not a class mask; {_FORMAT_HINT}")
+    if values.ndim != 2 or values.size == 0:
+        raise SimclrPathError(f"{path}: a mask must be a 2-D image, got shape {values.shape}; {_FORMAT_HINT}")
+    return DecodedMask(values=np.ascontiguousarray(values), transparent=transparent, mode=mode)
+
+
+def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tuple[str, str | None]:
+    """``(format, note)``: the format the masks in ``decoded`` (path -> mask) are read in, and a line
+    for stderr when ``auto`` chose ``binary`` (None otherwise)."""
+    if mask_format not in MASK_FORMATS:
+        raise SimclrPathError(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+    if mask_format != "auto" or not decoded:
+        return mask_format, None
+    seen = set().union(*(m.value_set() for m in decoded.values()))
+    if seen <= {0, IGNORE} and IGNORE in seen:
+        return "binary", (f"masks hold only the values 0 and 255 ({len(decoded)} file(s)): read as binary masks, "
+                          "0 = background, 255 = the foreground class (class 1); pass --mask-format index if 255 "
+                          "marks unlabelled pixels")
+    return "index", None
+
+
+def class_mask(decoded: DecodedMask, mask_format: str) -> np.ndarray:
+    """uint8 (H, W) class index per pixel (255 = unlabelled) of a decoded mask read in ``mask_format``
+    (``index`` or ``binary``, as :func:`resolve_mask_format` resolved it)."""
+    if mask_format == "binary":
+        out = (decoded.values != 0).astype(np.uint8)
+    elif mask_format == "index":
+        out = decoded.values.copy()
+    else:
+        raise ValueError(f"mask format {mask_format!r} is not resolved (index or binary)")
+    if decoded.transparent is not None:
+        out[decoded.transparent] = IGNORE
+    return out
+
+
+def read_class_mask(path: str, mask_format: str = "index") -> np.ndarray:
+    """uint8 (H, W) class mask of the file at ``path`` read in ``mask_format`` (``auto`` decides on
+    this file alone; folders are resolved together with :func:`resolve_mask_format`)."""
+    decoded = decode_mask(path)
+    resolved, _ = resolve_mask_format(mask_format, {str(path): decoded})
+    return class_mask(decoded, resolved)
 
 
 def mask_downsample(path: str, shape: tuple[int, int], slide: str, width: int, height: int,

@@ -23,7 +23,9 @@ little taller than one patch, so it does not grow with the slide; the full-size 
 held once per slide (use ``--downsample`` for a smaller one). Both files are written atomically
 (temporary file, then rename), so a folder never holds a half-written slide.
 
-Two stores with a slide of the same name: the later one's files are ``<slide>-<store file stem>``.
+Files are named by slide key (:class:`~simclr_path.store.PatchStore`): two stores with a slide of
+the same name give ``<slide>`` and ``<slide>-<later store's file stem>``, the names ``segment
+--labels`` and ``select --annotated`` read back with the same stores.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from simclr_path.annotations.geojson import annotation_feature, write_geojson
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
+from simclr_path.runtime.images import resize_image
 from simclr_path.segment.infer import predict_patches
 from simclr_path.runtime.files import write_png
 from simclr_path.segment.masks import IGNORE
 from simclr_path.segment.model import check_store_resolution, load_segment_run
-from simclr_path.store.reader import PatchStore, PatchSubset, output_name
+from simclr_path.store.reader import PatchStore, PatchSubset
 
 UNCOVERED = IGNORE
 
@@ -83,17 +86,13 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
     if not stores:
         raise SimclrPathError("no patch store given")
     resolved = resolve_device(device)
-    opened = [PatchStore(path) for path in stores]  # one at a time: slide names are unique within a store
+    store = PatchStore(stores)
     plan = []
-    used: set[str] = set()
-    for path, store in zip(stores, opened):
-        for name, start, end in store.slide_ranges():
-            _check_geometry(store, name, path)
-            stem = output_name(name, path, used)
-            plan.append((store, name, start, end, stem))
+    for key, start, end in store.slide_ranges():  # files are named by slide key: unique over the stores
+        _check_geometry(store, key)
+        plan.append((key, start, end))
     model, meta = load_segment_run(run, resolved)
-    for store in opened:
-        check_store_resolution(store, meta, run)
+    check_store_resolution(store, meta, run)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -103,9 +102,9 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
     files = []
     reporter.start(slides=len(plan))
     try:
-        for store, name, start, end, stem in plan:
+        for stem, start, end in plan:
             reporter.add_patches(end - start)
-            mask, d, mpp = predict_slide_mask(model, meta, store, name, start, end, downsample=downsample,
+            mask, d, mpp = predict_slide_mask(model, meta, store, stem, start, end, downsample=downsample,
                                               device=resolved, batch_size=batch_size, workers=workers,
                                               on_batch=reporter.patches_done)
             png = os.path.join(out, f"{stem}.png")
@@ -119,20 +118,23 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
     return {"out": out, "slides": len(plan), "files": files}
 
 
-def _check_geometry(store: PatchStore, name: str, path: str) -> None:
-    attrs = store.slide_group(name).attrs
+def _check_geometry(store: PatchStore, key: str) -> None:
+    attrs = store.slide_group(key).attrs
     if "width" not in attrs or "scale" not in attrs:
+        path, name = store.slide_source(key)
         raise SimclrPathError(f"{path}: slide {name} has no slide geometry (an ingested folder of images?); predict "
                               "needs a store made by 'simclr-path tile' (use segment-eval --images for plain images)")
 
 
 def predict_slide_mask(model, meta: dict, store: PatchStore, name: str, start: int, end: int, *,
                        downsample: float | None, device, batch_size: int = 32, workers: int = 2,
-                       on_batch=None) -> tuple[np.ndarray, float, float | None]:
-    """``(class map, downsample, level-0 um/px or None)`` of one slide: patches ``start..end`` of ``store``.
+                       on_batch=None, local: np.ndarray | None = None) -> tuple[np.ndarray, float, float | None]:
+    """``(class map, downsample, level-0 um/px or None)`` of one slide: patches ``start..end`` of ``store``
+    (slide key ``name``), or only those at positions ``local`` within the slide when given.
 
-    The class map is uint8 (ceil(height / d), ceil(width / d)) with 255 where no patch lies; see
-    the module docstring for the pixel layout.
+    The class map is uint8 (ceil(height / d), ceil(width / d)) with 255 where no predicted patch
+    lies; see the module docstring for the pixel layout. Each output pixel is predicted once, from
+    the mean probabilities of the patches covering it.
     """
     group = store.slide_group(name)
     attrs = group.attrs
@@ -144,6 +146,8 @@ def predict_slide_mask(model, meta: dict, store: PatchStore, name: str, start: i
     mpp = float(attrs.get("level0_mpp", float("nan")))
     mpp = mpp if math.isfinite(mpp) and mpp > 0 else None
     coords = np.asarray(group["coords"][()], dtype=np.int64).reshape(-1, 2)
+    positions = np.arange(end - start) if local is None else np.asarray(local, dtype=np.int64)
+    coords = coords[positions]
     out_w, out_h = math.ceil(width / d), math.ceil(height / d)
     extent = store.patch_size * scale  # level-0 px covered by a patch
     # Each patch's box in output pixels (rounded to whole pixels: within half a pixel of exact).
@@ -153,7 +157,7 @@ def predict_slide_mask(model, meta: dict, store: PatchStore, name: str, start: i
     y1 = np.round((coords[:, 1] + extent) / d).astype(np.int64)
     order = np.lexsort((x0, y0))  # row by row, so finished rows can be settled and dropped
     canvas = _BandCanvas(len(meta["classes"]), out_h, out_w, band=int((y1 - y0).max(initial=1)) + 1)
-    subset = PatchSubset(store, (start + order).tolist())
+    subset = PatchSubset(store, (start + positions[order]).tolist())
     for positions, probs in predict_patches(model, meta, subset, device=device, batch_size=batch_size,
                                             workers=workers):
         for position, p in zip(positions, probs):
@@ -188,9 +192,7 @@ class _BandCanvas:
         if x1 <= x0 or y1 <= y0:
             return
         if (x1 - x0, y1 - y0) != probs.shape[1:][::-1]:
-            shrink = x1 - x0 < probs.shape[2]
-            probs = cv2.resize(probs.transpose(1, 2, 0), (x1 - x0, y1 - y0),
-                               interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            probs = resize_image(np.ascontiguousarray(probs.transpose(1, 2, 0)), (x1 - x0, y1 - y0))
             probs = probs.reshape(y1 - y0, x1 - x0, -1).transpose(2, 0, 1)
         # clip to the slide
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)

@@ -85,16 +85,21 @@ class ConfusionCounter:
             return np.where(denominator > 0, tp / denominator, np.nan)
 
     def as_dict(self, classes: list[str]) -> dict:
-        """JSON-ready scores: ``dice`` and ``iou`` by class name (None when absent), their means over
-        the classes present (None when none is), and the number of scored ``pixels``."""
+        """JSON-ready scores: ``dice`` and ``iou`` by class name (None when absent); the headline
+        ``mean_dice``/``mean_iou`` over the *foreground* classes present (every class but class 0,
+        background, whose large easy area would flatter any model; None when none is present);
+        ``background_dice``/``background_iou`` beside them; and the number of scored ``pixels``."""
         if len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names for {self.num_classes} classes")
         dice, iou = self.dice(), self.iou()
+        foreground = slice(1, None) if self.num_classes > 1 else slice(None)
         return {
             "dice": {name: _number(v) for name, v in zip(classes, dice)},
             "iou": {name: _number(v) for name, v in zip(classes, iou)},
-            "mean_dice": nan_mean(dice),
-            "mean_iou": nan_mean(iou),
+            "mean_dice": nan_mean(dice[foreground]),
+            "mean_iou": nan_mean(iou[foreground]),
+            "background_dice": _number(dice[0]),
+            "background_iou": _number(iou[0]),
             "pixels": self.pixels,
         }
 

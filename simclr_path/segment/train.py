@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
-from simclr_path.downstream.embed import file_sha256
+from simclr_path.data.input_spec import InputSpec
+from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from simclr_path.runtime.files import file_sha256
 from simclr_path.downstream.encoder import read_encoder
 from simclr_path.engine.checkpoint import save_checkpoint
 from simclr_path.engine.curves import plot_curves
@@ -73,6 +74,11 @@ class SegmentRun:
     stop: StopOnSigterm | None = None
     records: list = field(default_factory=list)
     resume_from: dict | None = None  # the checkpoint ``out`` held at build, read once; dropped once loaded
+
+    @property
+    def spec(self) -> InputSpec:
+        """The network input (side, mean, std), as inference reads it back from the run's metadata."""
+        return InputSpec.from_meta(self.meta)
 
     @property
     def checkpoint_path(self) -> str:
@@ -124,8 +130,9 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     store = PatchStore(stores)
     if len(store) == 0:
         raise SimclrPathError(f"{', '.join(stores)}: the stores hold no patches")
-    labels = load_labels(labels_dir, store, cfg.classes, cfg.mask_downsample)
+    labels = load_labels(labels_dir, store, cfg.classes, cfg.mask_downsample, cfg.mask_format)
     cfg.classes = list(labels.classes)
+    cfg.mask_format = labels.mask_format  # what "auto" read the masks as: a resume must read them alike
     patch_mpp = store_mpp(store, stores)
     if cfg.image_size is None:
         cfg.image_size = matched_image_size(store.patch_size, patch_mpp, enc["input_mpp"])
@@ -141,10 +148,12 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
         raise SimclrPathError("--ssl fixmatch: every patch is labelled, there is nothing unlabelled; use --ssl none")
     if cfg.encoder_lr_scale is None:
         cfg.encoder_lr_scale = 1.0 if cfg.random_init else 0.1
-    if cfg.random_init:
-        model = build_unet(enc["timm_model"], len(cfg.classes))
-    else:
-        model, _ = unet_from_encoder(cfg.encoder, len(cfg.classes))
+    with torch.random.fork_rng(devices=[]):  # the decoder's (and a random encoder's) initial weights: from --seed
+        torch.manual_seed(cfg.seed)
+        if cfg.random_init:
+            model = build_unet(enc["timm_model"], len(cfg.classes))
+        else:
+            model, _ = unet_from_encoder(cfg.encoder, len(cfg.classes))
     model = model.to(device).to(memory_format=torch.channels_last)
     teacher = None
     if cfg.ssl == "fixmatch":
@@ -239,9 +248,8 @@ def open_segment_folder(run: SegmentRun) -> None:
 
 
 def model_input(images: torch.Tensor, run: SegmentRun) -> torch.Tensor:
-    """uint8 NHWC on the host -> normalised float NCHW (channels_last) on the device."""
-    x = images.to(run.device, non_blocking=True).permute(0, 3, 1, 2)
-    return normalize(x, run.meta["mean"], run.meta["std"]).contiguous(memory_format=torch.channels_last)
+    """uint8 NHWC on the host -> normalised float NCHW (channels_last) on the device, as at inference."""
+    return run.spec.to_model(images, run.device, channels_last=True, layout="NHWC")
 
 
 def train_step(run: SegmentRun, batch) -> dict:
@@ -332,7 +340,7 @@ def train(run: SegmentRun, metrics: MetricsLog, progress) -> None:
     cfg = run.cfg
     sampler = StepBatches(run.labelled, run.unlabelled, cfg.batch, cfg.unlabelled_batch, cfg.seed, run.step,
                           run.total_steps)
-    dataset = SegmentationSamples(run.store, run.labels, cfg.image_size)
+    dataset = SegmentationSamples(run.store, run.labels, run.spec)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
         collate_fn=lambda samples: collate(samples, cfg.batch), persistent_workers=False,

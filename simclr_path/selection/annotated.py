@@ -1,19 +1,23 @@
 """Which regions are already annotated, from a folder of QuPath GeoJSON exports and label masks.
 
 The folder holds, per slide, ``<slide>.geojson`` (QuPath annotations in level-0 pixels) and/or
-``<slide>.png`` (a label mask: one class index per pixel, 255 = unlabelled, at level 0 or at a
-downsample inferred from the mask's size against the slide's level-0 size). ``<slide>`` is the
-slide's output name as ``select`` and ``embed`` write it. Other files are ignored; a ``.geojson``
-or ``.png`` naming no slide of the stores is an error.
+``<slide>.png`` (any case; a label mask read in the folder's mask format, see
+:mod:`simclr_path.segment.masks`: 255 = unlabelled for class-index masks, every pixel labelled
+for binary 0/255 masks), at level 0 or at a downsample inferred from the mask's size against the
+slide's level-0 size. ``<slide>`` is the slide's key as ``select``, ``predict`` and ``embed`` name
+their files. ``select`` thumbnails (``<slide>.thumbnail.png``) and other files are ignored; a
+``.geojson`` or ``.png`` naming no slide of the stores is skipped with a warning.
 
-A region is annotated when a labelled pixel's centre lies in its level-0 box:
+Each region owns a *core*: the K x K grid cells it was built from, ``K * step0`` level-0 pixels a
+side from its origin. Cores never overlap, even when the patches do (``tile --overlap``), while the
+region's box (the extent of its patches) reaches into its neighbours' cores there. So:
 
-- masks: any non-255 pixel;
-- GeoJSON: any pixel of the polygons rasterised at a quarter of the grid step (all classes alike,
-  pixel-centre rule of :func:`~simclr_path.annotations.geojson.rasterize`); a polygon too small to
-  cover a pixel centre marks the pixel under the middle of its bounding box, so it still counts.
-  A box that only touches a region's edge (the previous round's proposal, re-imported) does not
-  mark that neighbour.
+- a proposed square ("Annotate next", as ``select`` wrote it) marks exactly the region whose core
+  holds the square's centre: the region it was proposed for;
+- a polygon drawn inside a proposed square belongs to that square's region;
+- any other polygon, and any labelled mask pixel, marks the regions whose core holds a labelled
+  pixel's centre (polygons rasterised at a quarter of the grid step, all classes alike; a polygon
+  too small to cover a pixel centre marks the pixel under the middle of its bounding box).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import os
 import cv2
 import numpy as np
 
-from simclr_path.annotations.geojson import Annotation, rasterize, read_annotations
+from simclr_path.annotations.geojson import ANNOTATE_NEXT, Annotation, rasterize, read_annotations
 from simclr_path.errors import SimclrPathError
-from simclr_path.segment.masks import IGNORE, mask_downsample, read_class_mask
+from simclr_path.segment.masks import IGNORE, class_mask, decode_mask, is_mask_file, mask_downsample, \
+    resolve_mask_format
 from simclr_path.selection.regions import Regions, SlideGrid
 
 #: Raster resolution for GeoJSON, in pixels per grid step.
@@ -35,36 +40,68 @@ PIXELS_PER_STEP = 4
 MAX_RASTER_SIDE = 16384
 
 
-def annotated_regions(folder: str, regions: Regions, log=None) -> np.ndarray:
-    """(R,) bool: True for regions of ``regions`` that ``folder``'s annotations touch.
+def annotated_regions(folder: str, regions: Regions, log=None, mask_format: str = "auto") -> np.ndarray:
+    """(R,) bool: True for regions of ``regions`` that ``folder``'s annotations mark (module docstring).
 
     Args:
         folder: the ``--annotated`` folder.
         regions: all regions of the stores.
         log: called with a line on stderr, e.g. the number of point or line objects skipped.
+        mask_format: what the masks' values mean (``auto``, ``index``, ``binary``).
     """
     if not os.path.isdir(folder):
         raise SimclrPathError(f"{folder}: no such folder; give --annotated a folder of <slide>.geojson "
                               "(QuPath export) and/or <slide>.png label masks")
+    log = log or (lambda line: None)
     by_name = {slide.file_name: number for number, slide in enumerate(regions.slides)}
-    annotated = np.zeros(len(regions), dtype=bool)
+    files, unknown = [], []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        stem, ext = os.path.splitext(entry.name)
-        if ext.lower() not in (".geojson", ".png") or not entry.is_file():
+        if not entry.is_file() or entry.name.startswith("."):
             continue
-        if stem not in by_name:
-            known = ", ".join(sorted(by_name)[:5]) + (", ..." if len(by_name) > 5 else "")
-            raise SimclrPathError(f"{entry.path}: names no slide of these stores ({known}); name it "
-                                  f"<slide>{ext.lower()} or move it out of {folder}")
-        number = by_name[stem]
-        slide = regions.slides[number]
-        if ext.lower() == ".geojson":
-            labelled, downsample = _geojson_raster(entry.path, slide, regions, number, log)
+        if entry.name.lower().endswith(".geojson"):
+            kind, stem = "geojson", entry.name[: -len(".geojson")]
+        elif is_mask_file(entry.name):
+            kind, stem = "mask", entry.name[: -len(".png")]
         else:
-            labelled, downsample = _mask_raster(entry.path, slide)
+            continue
+        if stem in by_name:
+            files.append((by_name[stem], entry.path, kind))
+        else:
+            unknown.append(entry.name)
+    if unknown:
+        known = ", ".join(sorted(by_name)[:3]) + (", ..." if len(by_name) > 3 else "")
+        log(f"warning: {folder}: skipped {len(unknown)} file(s) naming no slide of these stores "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; slides: {known})")
+    decoded = {path: decode_mask(path) for _, path, kind in files if kind == "mask"}
+    resolved, note = resolve_mask_format(mask_format, decoded)
+    if note:
+        log(f"{folder}: {note}")
+    annotated = np.zeros(len(regions), dtype=bool)
+    for number, path, kind in files:
+        slide = regions.slides[number]
         indices = regions.of_slide(number)
+        if kind == "geojson":
+            labelled, downsample, proposed = _geojson_raster(path, slide, regions, number, log)
+            annotated[proposed] = True
+        else:
+            labelled, downsample = _mask_raster(path, slide, class_mask(decoded[path], resolved))
         annotated[indices] |= _touched(labelled, downsample, regions, indices)
     return annotated
+
+
+def _core(regions: Regions, indices: np.ndarray) -> np.ndarray:
+    """(len(indices),) level-0 side of each region's core: its K grid cells, ``K * step0``."""
+    step = np.array([regions.slides[s].step0 for s in regions.slide[indices]], dtype=np.float64)
+    return np.rint(regions.size * step).astype(np.int64)
+
+
+def _region_at(regions: Regions, indices: np.ndarray, x: float, y: float) -> int | None:
+    """The region among ``indices`` whose core holds level-0 point (x, y), or None."""
+    core = _core(regions, indices)
+    hit = (regions.x[indices] <= x) & (x < regions.x[indices] + core) & (regions.y[indices] <= y) & (
+        y < regions.y[indices] + core)
+    found = np.flatnonzero(hit)
+    return int(indices[found[0]]) if len(found) else None
 
 
 def _extent(slide: SlideGrid, regions: Regions, number: int) -> tuple[int, int]:
@@ -75,19 +112,39 @@ def _extent(slide: SlideGrid, regions: Regions, number: int) -> tuple[int, int]:
     return width, height
 
 
-def _geojson_raster(path: str, slide: SlideGrid, regions: Regions, number: int, log) -> tuple[np.ndarray, float]:
+def _geojson_raster(path: str, slide: SlideGrid, regions: Regions, number: int,
+                    log) -> tuple[np.ndarray, float, list[int]]:
+    """``(raster of drawn polygons, its downsample, regions of the proposed squares)`` of one export."""
     annotations, skipped = read_annotations(path)
-    if skipped and log is not None:
+    if skipped:
         log(f"{path}: skipped " + ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
             + " object(s); only polygons mark regions as annotated")
     width, height = _extent(slide, regions, number)
     downsample = max(1.0, slide.step0 / PIXELS_PER_STEP, max(width, height) / MAX_RASTER_SIDE)
     size = (math.ceil(width / downsample), math.ceil(height / downsample))
     labelled = np.zeros((size[1], size[0]), dtype=np.uint8)
+    indices = regions.of_slide(number)
+    squares, proposed = [], []
     for annotation in annotations:
+        if annotation.classification != ANNOTATE_NEXT:
+            continue
         for polygon in annotation.polygons:
+            x0, y0 = polygon[0].min(axis=0)
+            x1, y1 = polygon[0].max(axis=0)
+            squares.append((x0, y0, x1, y1))
+            region = _region_at(regions, indices, (x0 + x1) / 2, (y0 + y1) / 2)
+            if region is not None:
+                proposed.append(region)
+    for annotation in annotations:
+        if annotation.classification == ANNOTATE_NEXT:
+            continue
+        for polygon in annotation.polygons:
+            x0, y0 = polygon[0].min(axis=0)
+            x1, y1 = polygon[0].max(axis=0)
+            if any(sx0 <= x0 and sy0 <= y0 and x1 <= sx1 and y1 <= sy1 for sx0, sy0, sx1, sy1 in squares):
+                continue  # drawn inside a proposed square: that square's region, already marked
             _mark(labelled, Annotation(annotation.classification, (polygon,)), downsample, path)
-    return labelled, downsample
+    return labelled, downsample, proposed
 
 
 def _mark(labelled: np.ndarray, polygon: Annotation, downsample: float, path: str) -> None:
@@ -110,8 +167,7 @@ def _mark(labelled: np.ndarray, polygon: Annotation, downsample: float, path: st
         labelled[row, col] = 1
 
 
-def _mask_raster(path: str, slide: SlideGrid) -> tuple[np.ndarray, float]:
-    mask = read_class_mask(path)
+def _mask_raster(path: str, slide: SlideGrid, mask: np.ndarray) -> tuple[np.ndarray, float]:
     if not slide.width or not slide.height:
         raise SimclrPathError(f"{path}: the store does not record the level-0 size of slide {slide.name}; "
                               "re-tile it with this version of simclr-path")
@@ -120,11 +176,12 @@ def _mask_raster(path: str, slide: SlideGrid) -> tuple[np.ndarray, float]:
 
 
 def _touched(labelled: np.ndarray, downsample: float, regions: Regions, indices: np.ndarray) -> np.ndarray:
-    """For each region, whether a labelled pixel's centre lies in its box (integral image, O(1) each)."""
+    """For each region, whether a labelled pixel's centre lies in its core (integral image, O(1) each)."""
     height, width = labelled.shape
     total = cv2.integral(labelled)  # (height + 1, width + 1) int32
     x0, y0 = regions.x[indices], regions.y[indices]
-    x1, y1 = x0 + regions.width[indices], y0 + regions.height[indices]
+    core = _core(regions, indices)
+    x1, y1 = x0 + core, y0 + core
 
     def pixel_range(start, stop, size):  # pixels whose centre (i + 0.5) * d lies in [start, stop)
         first = np.ceil(start / downsample - 0.5).astype(np.int64)

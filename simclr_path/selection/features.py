@@ -70,7 +70,8 @@ def region_features_from_embed(features_dir: str, encoder: str, regions: Regions
     The file must hold these stores' slides embedded with this encoder (by sha256, when the file
     records it); every region patch is found by (slide file name, level-0 x, y).
     """
-    from simclr_path.downstream.embed import COMBINED, file_sha256
+    from simclr_path.downstream.embed import COMBINED
+    from simclr_path.runtime.files import file_sha256
 
     path = os.path.join(features_dir, COMBINED)
     if not os.path.isfile(path):

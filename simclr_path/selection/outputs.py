@@ -6,8 +6,10 @@ of the regions as rectangles in level-0 pixels, ready for QuPath (File > Import 
 rank, score and area_um2 (null when the slide's mpp is unknown or the strategy has no score).
 ``DIR/regions.csv``: ``slide,rank,x,y,width,height,score``, one row per proposed region in rank
 order over all slides (level-0 pixels; score empty when NaN).
-``DIR/<slide>.png``: the slide composed from its stored patches (long side about
-:data:`THUMBNAIL_LONG_SIDE` pixels, white where no patch is), the regions drawn and numbered.
+``DIR/<slide>.thumbnail.png``: the slide composed from its stored patches (long side about
+:data:`THUMBNAIL_LONG_SIDE` pixels, white where no patch is), the regions drawn and numbered. Not
+``<slide>.png``, the name of a label mask: the folder can be given back to ``select --annotated``
+and ``segment --labels``, which never read thumbnails as masks.
 
 Ranks are global over all slides: rank 1 is the best region of the whole run.
 
@@ -32,6 +34,7 @@ from simclr_path.annotations.geojson import (
 )
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.files import write_png
+from simclr_path.segment.masks import THUMBNAIL_SUFFIX
 from simclr_path.selection.regions import Regions, SlideGrid, slide_coords
 from simclr_path.store import PatchStore
 from simclr_path.store.format import SLIDES, open_h5
@@ -63,7 +66,7 @@ def write_outputs(out: str, regions: Regions, ranked: np.ndarray, scores: np.nda
             on_slide = regions.slide[ranked] == number
             if not on_slide.any():
                 continue
-            geojson, png = f"{slide.file_name}.geojson", f"{slide.file_name}.png"
+            geojson, png = f"{slide.file_name}.geojson", f"{slide.file_name}{THUMBNAIL_SUFFIX}"
             write_geojson(os.path.join(staging, geojson),
                           region_features(regions, ranked[on_slide], ranks[on_slide], scores[on_slide]))
             image = draw_thumbnail(store, regions, number, ranked[on_slide], ranks[on_slide],
@@ -195,6 +198,13 @@ def _remove_stale_proposals(out: str, regions: Regions, written: set[str]) -> No
             continue
         if annotations and all(a.classification == ANNOTATE_NEXT for a in annotations):
             os.remove(path)
-            png = os.path.join(out, f"{slide.file_name}.png")
-            if os.path.isfile(png):
-                os.remove(png)
+            for png in (f"{slide.file_name}{THUMBNAIL_SUFFIX}", f"{slide.file_name}.png"):  # and an older run's
+                if os.path.isfile(os.path.join(out, png)) and (png.endswith(THUMBNAIL_SUFFIX) or _is_thumbnail(
+                        os.path.join(out, png))):
+                    os.remove(os.path.join(out, png))
+
+
+def _is_thumbnail(path: str) -> bool:
+    """Whether an older ``<slide>.png`` is a thumbnail (colour) rather than a label mask (one channel)."""
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    return image is not None and image.ndim == 3

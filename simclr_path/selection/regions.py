@@ -27,7 +27,6 @@ import numpy as np
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import PatchStore
-from simclr_path.store.reader import output_name
 from simclr_path.store.format import SLIDES, open_h5
 
 
@@ -149,7 +148,6 @@ def _slide_grids(store: PatchStore):
     ``-3``...) when an earlier store already has a slide of that name.
     """
     ranges = iter(store.slide_ranges())
-    used = set()
     for path, attrs in zip(store.paths, store.attrs):
         patch_size = float(attrs["patch_size"])
         stride = float(attrs.get("stride", math.nan))
@@ -159,14 +157,14 @@ def _slide_grids(store: PatchStore):
                 coords = group["coords"][()].astype(np.float64).reshape(-1, 2)
                 if len(coords) == 0:
                     continue
-                listed, start, end = next(ranges, (None, 0, 0))
-                if listed != name or end - start != len(coords):
+                key, start, end = next(ranges, (None, 0, 0))
+                if key is None or store.slide_source(key)[1] != name or end - start != len(coords):
                     raise SimclrPathError(f"{path}: the store changed while being read; rerun when it is complete")
                 scale = float(group.attrs.get("scale", math.nan))
                 if (coords < 0).any() or not scale > 0:
                     raise SimclrPathError(f"{path}: slide {name} has no slide coordinates (an ingested image "
                                           "folder?); select regions in stores made by 'simclr-path tile'")
-                file_name = output_name(name, path, used)
+                file_name = key
                 mpp = float(group.attrs.get("level0_mpp", math.nan))
                 grid = SlideGrid(name=name, file_name=file_name, store=path, start=start, end=end,
                                  width=int(group.attrs.get("width", 0)), height=int(group.attrs.get("height", 0)),

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.images import resize_image
 from simclr_path.store.codecs import create_pixel_dataset, encode_jpeg, write_patches
 from simclr_path.store.writer import StoreWriter
 
@@ -111,10 +112,7 @@ def _encoded(path: Path, size: int, quality: int) -> np.ndarray:
     image = read_image(path)
     if image.shape[:2] == (size, size) and _is_jpeg(path):
         return np.fromfile(str(path), dtype=np.uint8)  # already what we would store: keep its bytes
-    if image.shape[:2] != (size, size):
-        shrink = image.shape[0] > size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return encode_jpeg(image, quality)
+    return encode_jpeg(resize_image(image, size), quality)
 
 
 def _spec_attrs(size: int, mpp: float | None, quality: int) -> dict:

@@ -21,8 +21,14 @@ class PatchStore:
     """Random access to patches in one or more stores, as a map-style dataset.
 
     ``len(store)`` counts patches over all stores; ``store[i]`` is an HxWx3 uint8 RGB array;
-    ``store.coords(i)`` is ``(slide_name, x, y)`` in level-0 pixels. HDF5 handles are opened lazily
+    ``store.coords(i)`` is ``(slide_key, x, y)`` in level-0 pixels. HDF5 handles are opened lazily
     in each process, so a ``PatchStore`` can be handed to ``DataLoader`` workers.
+
+    Slides are keyed by (store, slide): a slide's *key* is its name, or ``<name>-<store file stem>``
+    (then ``-2``, ``-3``...) when an earlier store already has a slide of that name (two shards of
+    two sites, a slide tiled twice). Every command names its per-slide files by the key (``embed``,
+    ``select``, ``predict``, ``coords``) and reads per-slide files back by it (``segment --labels``,
+    ``select --annotated``), so given the same stores in the same order they always agree.
 
     A store that ``simclr-path tile`` is still writing can be read: a ``PatchStore`` holds the
     slides that were complete when it was created (slides are never changed once complete).
@@ -38,6 +44,8 @@ class PatchStore:
         if not self.paths:
             raise SimclrPathError("no patch store given")
         self._slides: list[tuple[int, str]] = []  # (path index, slide name)
+        self._keys: list[str] = []  # each slide's key, unique over the stores (see the class docstring)
+        used: set[str] = set()
         self._offsets: list[int] = [0]  # cumulative patch counts
         self.codecs: list[str] = []
         self.labels: list[np.ndarray | None] = []
@@ -50,6 +58,7 @@ class PatchStore:
                 if n == 0:
                     continue
                 self._slides.append((path_index, name))
+                self._keys.append(output_name(name, path, used))
                 self._offsets.append(self._offsets[-1] + n)
         self.patch_size = int(self.attrs[0]["patch_size"])
         for path, attrs in zip(self.paths, self.attrs):
@@ -61,24 +70,35 @@ class PatchStore:
         self._files: dict[int, h5py.File] = {}
         self._pixels: dict[int, h5py.Dataset] = {}  # slide -> its patches dataset, opened once per process
         self._pid = os.getpid()
+        self._key_index = {key: i for i, key in enumerate(self._keys)}
 
     def __len__(self) -> int:
         return self._offsets[-1]
 
     @property
     def slide_names(self) -> list[str]:
-        return [name for _, name in self._slides]
+        """The key of every slide with patches, in store order (see the class docstring)."""
+        return list(self._keys)
 
     def slide_ranges(self) -> list[tuple[str, int, int]]:
-        """(slide name, first patch index, end index) of every slide with patches, in order."""
-        return [(name, self._offsets[i], self._offsets[i + 1]) for i, (_, name) in enumerate(self._slides)]
+        """(slide key, first patch index, end index) of every slide with patches, in order."""
+        return [(key, self._offsets[i], self._offsets[i + 1]) for i, key in enumerate(self._keys)]
 
-    def slide_group(self, name: str) -> h5py.Group:
-        """The HDF5 group of slide ``name`` (coords and their attributes, labels, ...)."""
-        for i, (_, slide_name) in enumerate(self._slides):
-            if slide_name == name:
-                return self._read(i, lambda: self._group(i))
-        raise KeyError(name)
+    def slide_source(self, key: str) -> tuple[str, str]:
+        """``(store path, slide name in that store)`` of the slide with key ``key``."""
+        path_index, name = self._slides[self._slide_number(key)]
+        return self.paths[path_index], name
+
+    def _slide_number(self, key: str) -> int:
+        number = self._key_index.get(key)
+        if number is None:
+            raise KeyError(key)
+        return number
+
+    def slide_group(self, key: str) -> h5py.Group:
+        """The HDF5 group of the slide with key ``key`` (coords and their attributes, labels, ...)."""
+        number = self._slide_number(key)
+        return self._read(number, lambda: self._group(number))
 
     def _locate(self, index: int) -> tuple[int, int]:
         if index < 0:
@@ -131,7 +151,7 @@ class PatchStore:
     def coords(self, index: int) -> tuple[str, int, int]:
         slide, local = self._locate(int(index))
         x, y = self._read(slide, lambda: self._group(slide)["coords"][local])
-        return self._slides[slide][1], int(x), int(y)
+        return self._keys[slide], int(x), int(y)
 
     def label(self, index: int) -> int:
         """Class label of a patch from an ingested labelled folder; -1 when unlabelled."""
