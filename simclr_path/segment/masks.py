@@ -21,7 +21,7 @@ The **mask format** says what the decoded values mean, for a whole folder at onc
 * ``index``: class index per pixel, 255 = unlabelled;
 * ``binary``: 0 = background (class 0), any other value = the first foreground class (class 1);
   transparent pixels are still unlabelled;
-* ``auto`` (the default): ``binary`` when the folder's masks hold only 0 and 255 (GlaS-style 0/255
+* ``auto`` (the default): ``binary`` when the folder's masks hold 0 and 255 and nothing else (GlaS 0/255
   masks: as ``index`` they would mean "background + unlabelled" and could never train or score a
   foreground class), else ``index``. The choice is said on stderr.
 """
@@ -131,7 +131,7 @@ def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tu
     if mask_format != "auto" or not decoded:
         return mask_format, None
     seen = set().union(*(m.value_set() for m in decoded.values()))
-    if seen <= {0, IGNORE} and IGNORE in seen:
+    if seen == {0, IGNORE}:
         return "binary", (f"masks hold only the values 0 and 255 ({len(decoded)} file(s)): read as binary masks, "
                           "0 = background, 255 = the foreground class (class 1); pass --mask-format index if 255 "
                           "marks unlabelled pixels")
