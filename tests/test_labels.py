@@ -312,3 +312,24 @@ def test_segment_eval_reads_binary_0_255_truth_as_gland(glands, trained, tmp_pat
     out = one_json(result)
     assert "skipped 1 mask(s) without an image" in result.stderr
     assert out["overall"] == index["overall"]  # 0/255 scored exactly as 0/1: glands are glands
+
+
+def test_a_predicted_mask_with_no_foreground_reads_back_as_class_indices(glands, trained, tmp_path):
+    """predict's masks hold 0 and 255 (not tiled) when nothing was found: they say they are class
+    indices, so `auto` does not take the untiled glass for the foreground."""
+    _, _, _, store = glands
+    mask = np.zeros((80, 96), np.uint8)
+    mask[:, 48:] = IGNORE
+    from simclr_path.runtime.files import write_png
+    from simclr_path.segment.masks import FORMAT_KEY
+
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    write_png(str(folder / "img0.png"), mask, text={FORMAT_KEY: "index"})
+    assert decode_mask(str(folder / "img0.png")).declared == "index"
+    labels = load_labels(str(folder), PatchStore(str(store)), ["background", "gland"], every_class_labelled=False,
+                         mask_downsample=2)
+    assert labels.mask_format == "index"
+    assert set(np.unique(labels.slides["img0"].mask)) == {0, IGNORE}
+    one_json(run_cli("predict", trained, store, "--out", tmp_path / "out", "--workers", "0", "-q"))
+    assert decode_mask(str(tmp_path / "out" / "img0.png")).declared == "index"

@@ -85,10 +85,10 @@ def evaluate_segmentation(run: str, *, images_dir: str | None = None, masks_dir:
     classes = list(meta["classes"])
     reporter = reporter or Reporter(enabled=False)
     if images_mode:
-        pairs, mask_format = pair_images(images_dir, masks_dir, len(classes), mask_format)
+        pairs, resolved_format = pair_images(images_dir, masks_dir, len(classes), mask_format)
         _check_resolution(meta, mpp)
         entries, overall = _evaluate_images(model, meta, pairs, mpp, resolved, overlay_dir, batch_size, reporter,
-                                            mask_format)
+                                            resolved_format, mask_format != "auto")
     else:
         entries, overall = _evaluate_stores(run, model, meta, list(stores), labels_dir, resolved, overlay_dir,
                                             batch_size, workers, reporter, mask_format)
@@ -144,15 +144,16 @@ def pair_images(images_dir: str, masks_dir: str, num_classes: int,
         log(f"{masks_dir}: {note}")
     for _, image_path, mask_path in pairs:
         shape = read_image(image_path).shape[:2]
-        _checked(class_mask(decoded[str(mask_path)], resolved), mask_path, num_classes, shape)
+        _checked(class_mask(decoded[str(mask_path)], resolved, mask_format != "auto"), mask_path, num_classes, shape)
     return pairs, resolved
 
 
 def read_mask(path: Path, num_classes: int, shape: tuple[int, int] | None = None,
-              mask_format: str = "index") -> np.ndarray:
-    """uint8 (H, W) class mask at ``path`` read in ``mask_format`` (``index`` or ``binary``), checked:
-    values < ``num_classes`` or 255, and (when given) ``shape`` = (H, W) of its image."""
-    return _checked(class_mask(decode_mask(str(path)), mask_format), path, num_classes, shape)
+              mask_format: str = "index", explicit: bool = False) -> np.ndarray:
+    """uint8 (H, W) class mask at ``path`` read in ``mask_format`` (``index`` or ``binary``; the file's
+    own declared format unless ``explicit``), checked: values < ``num_classes`` or 255, and (when
+    given) ``shape`` = (H, W) of its image."""
+    return _checked(class_mask(decode_mask(str(path)), mask_format, explicit), path, num_classes, shape)
 
 
 def _checked(mask: np.ndarray, path, num_classes: int, shape: tuple[int, int] | None) -> np.ndarray:
@@ -179,7 +180,7 @@ def _check_resolution(meta: dict, mpp: float | None) -> None:
             "are assumed to be at the training patches' resolution")
 
 
-def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, reporter, mask_format):
+def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, reporter, mask_format, explicit):
     classes = meta["classes"]
     overall = ConfusionCounter(len(classes))
     entries = []
@@ -189,7 +190,7 @@ def _evaluate_images(model, meta, pairs, mpp, device, overlay_dir, batch_size, r
     try:
         for stem, image_path, mask_path in pairs:
             rgb = read_image(image_path)
-            truth = read_mask(mask_path, len(classes), rgb.shape[:2], mask_format)
+            truth = read_mask(mask_path, len(classes), rgb.shape[:2], mask_format, explicit)
             probs = predict_image(model, meta, rgb, mpp, device=device, batch_size=batch_size)
             pred = probs.argmax(axis=0).astype(np.uint8)
             counter = ConfusionCounter(len(classes))

@@ -231,7 +231,7 @@ def load_labels(labels_dir: str, store: PatchStore, classes: list[str] | None = 
     unannotated = proposals = 0
     for key, path, kind in matched:
         if kind == "mask":
-            slides[key] = _mask_labels(path, key, class_mask(decoded[path], resolved), store, mask_downsample)
+            slides[key] = _mask_labels(path, key, class_mask(decoded[path], resolved, mask_format != "auto"), store, mask_downsample)
         else:
             labels, empty, offered = _geojson_labels(path, key)
             unannotated, proposals = unannotated + empty, proposals + offered

@@ -44,6 +44,9 @@ MASK_FORMATS = ("auto", "index", "binary")
 MASK_SUFFIX = ".png"
 #: File name suffix of ``select``'s thumbnails, never read as masks even though they are PNGs.
 THUMBNAIL_SUFFIX = ".thumbnail.png"
+#: PNG text key under which a mask says its own format (``predict`` writes ``index``): a predicted
+#: mask with no foreground holds only 0 and 255, which ``auto`` would otherwise read as binary.
+FORMAT_KEY = "simclr-path mask format"
 
 _FORMAT_HINT = "save masks as one-channel PNGs (class index per pixel, 255 = unlabelled) or 0/255 binary masks"
 
@@ -62,11 +65,13 @@ class DecodedMask:
         values: uint8 (H, W) decoded values (palette indices for palette PNGs).
         transparent: (H, W) bool, True where the alpha channel says "no label"; None without one.
         mode: Pillow's image mode of the file (``L``, ``1``, ``P``, ``LA``...), named in messages.
+        declared: the format the file states in its PNG text (:data:`FORMAT_KEY`), else None.
     """
 
     values: np.ndarray
     transparent: np.ndarray | None
     mode: str
+    declared: str | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -90,6 +95,7 @@ def decode_mask(path: str) -> DecodedMask:
             image.load()
             mode = image.mode
             array = np.asarray(image)
+            declared = image.info.get(FORMAT_KEY)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise SimclrPathError(f"{path}: not a readable PNG mask ({reason}); {_FORMAT_HINT}") from None
@@ -120,17 +126,23 @@ def decode_mask(path: str) -> DecodedMask:
         raise SimclrPathError(f"{path}: a {mode} image is not a class mask; {_FORMAT_HINT}")
     if values.ndim != 2 or values.size == 0:
         raise SimclrPathError(f"{path}: a mask must be a 2-D image, got shape {values.shape}; {_FORMAT_HINT}")
-    return DecodedMask(values=np.ascontiguousarray(values), transparent=transparent, mode=mode)
+    declared = declared if declared in ("index", "binary") else None
+    return DecodedMask(values=np.ascontiguousarray(values), transparent=transparent, mode=mode, declared=declared)
 
 
 def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tuple[str, str | None]:
     """``(format, note)``: the format the masks in ``decoded`` (path -> mask) are read in, and a line
-    for stderr when ``auto`` chose ``binary`` (None otherwise)."""
+    for stderr when ``auto`` chose ``binary`` (None otherwise). With ``auto``, masks that state their
+    own format (``predict``'s) are read in it (:func:`class_mask`) and leave the others' choice alone."""
     if mask_format not in MASK_FORMATS:
         raise SimclrPathError(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
-    if mask_format != "auto" or not decoded:
+    undeclared = [m for m in decoded.values() if m.declared is None]
+    if mask_format != "auto":
         return mask_format, None
-    seen = set().union(*(m.value_set() for m in decoded.values()))
+    if not undeclared:
+        declared = {m.declared for m in decoded.values()}
+        return (declared.pop() if len(declared) == 1 else "index"), None
+    seen = set().union(*(m.value_set() for m in undeclared))
     if seen == {0, IGNORE}:
         return "binary", (f"masks hold only the values 0 and 255 ({len(decoded)} file(s)): read as binary masks, "
                           "0 = background, 255 = the foreground class (class 1); pass --mask-format index if 255 "
@@ -138,9 +150,12 @@ def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tu
     return "index", None
 
 
-def class_mask(decoded: DecodedMask, mask_format: str) -> np.ndarray:
+def class_mask(decoded: DecodedMask, mask_format: str, explicit: bool = False) -> np.ndarray:
     """uint8 (H, W) class index per pixel (255 = unlabelled) of a decoded mask read in ``mask_format``
-    (``index`` or ``binary``, as :func:`resolve_mask_format` resolved it)."""
+    (``index`` or ``binary``, as :func:`resolve_mask_format` resolved it), or in the format the file
+    declares unless the user stated one (``explicit``)."""
+    if decoded.declared is not None and not explicit:
+        mask_format = decoded.declared
     if mask_format == "binary":
         out = (decoded.values != 0).astype(np.uint8)
     elif mask_format == "index":
@@ -157,7 +172,7 @@ def read_class_mask(path: str, mask_format: str = "index") -> np.ndarray:
     this file alone; folders are resolved together with :func:`resolve_mask_format`)."""
     decoded = decode_mask(path)
     resolved, _ = resolve_mask_format(mask_format, {str(path): decoded})
-    return class_mask(decoded, resolved)
+    return class_mask(decoded, resolved, explicit=mask_format != "auto")
 
 
 def mask_downsample(path: str, shape: tuple[int, int], slide: str, width: int, height: int,

@@ -43,7 +43,7 @@ from simclr_path.runtime.device import resolve_device
 from simclr_path.runtime.images import resize_image
 from simclr_path.segment.infer import predict_patches
 from simclr_path.runtime.files import write_png
-from simclr_path.segment.masks import IGNORE
+from simclr_path.segment.masks import FORMAT_KEY, IGNORE
 from simclr_path.segment.model import check_store_resolution, load_segment_run
 from simclr_path.store.reader import PatchStore, PatchSubset
 
@@ -108,7 +108,7 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
                                               device=resolved, batch_size=batch_size, workers=workers,
                                               on_batch=reporter.patches_done)
             png = os.path.join(out, f"{stem}.png")
-            write_png(png, mask)
+            write_png(png, mask, text={FORMAT_KEY: "index"})  # 255 = not tiled, whatever the classes
             geojson = os.path.join(out, f"{stem}.geojson")
             write_geojson(geojson, mask_features(mask, meta["classes"], d, mpp))
             files += [png, geojson]

@@ -84,7 +84,7 @@ def annotated_regions(folder: str, regions: Regions, log=None, mask_format: str 
             labelled, downsample, proposed = _geojson_raster(path, slide, regions, number, log)
             annotated[proposed] = True
         else:
-            labelled, downsample = _mask_raster(path, slide, class_mask(decoded[path], resolved))
+            labelled, downsample = _mask_raster(path, slide, class_mask(decoded[path], resolved, mask_format != "auto"))
         annotated[indices] |= _touched(labelled, downsample, regions, indices)
     return annotated
 
