@@ -40,6 +40,14 @@ def write_gland_images(folder, count: int, width: int = 192, height: int = 160, 
     return folder / "images", folder / "masks"
 
 
+def gland_set(root, count: int):
+    """``(root, images, masks, store)``: ``count`` 192x160 gland images at 0.5 um/px with their 0/1
+    masks, tiled at 1.0 um/px into 32 px patches (raw codec)."""
+    images, masks = write_gland_images(root, count)
+    store = tile_images(sorted(images.iterdir()), root / "glands.h5", slide_mpp=0.5, mpp=1.0, patch_size=32)
+    return root, images, masks, store
+
+
 def tile_images(paths, out, *, slide_mpp: float = 0.5, mpp: float = 0.5, patch_size: int = 64, stride=None):
     from simclr_path.wsi.grid import TileSpec
     from simclr_path.wsi.tiler import tile_slides

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cli_helpers import assert_error, one_json, run_cli
 from conftest import SHARED_DATA
-from segment_helpers import export_random_encoder, tile_images, write_gland_images
+from segment_helpers import export_random_encoder, gland_set, tile_images
 from simclr_path.errors import SimclrPathError
 from simclr_path.segment.labels import IGNORE, load_labels
 from simclr_path.segment.masks import class_mask, decode_mask, resolve_mask_format
@@ -24,10 +24,7 @@ GLAS_NAMES = ["testA_1", "testA_2"]
 @pytest.fixture(scope="module")
 def glands(tmp_path_factory):
     """Four 192x160 PNG images at 0.5 um/px tiled at 1.0 um/px into 32 px patches, masks 0/1."""
-    root = tmp_path_factory.mktemp("glands")
-    images, masks = write_gland_images(root, 4)
-    store = tile_images(sorted(images.iterdir()), root / "glands.h5", slide_mpp=0.5, mpp=1.0, patch_size=32)
-    return root, images, masks, store
+    return gland_set(tmp_path_factory.mktemp("glands"), 4)
 
 
 @pytest.fixture(scope="module")

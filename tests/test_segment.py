@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli_helpers import assert_error, one_json, run_cli
-from segment_helpers import export_random_encoder, gland_image, tile_images, write_gland_images
+from segment_helpers import export_random_encoder, gland_image, gland_set, tile_images
 from simclr_path.data.input_spec import InputSpec
 from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.segment.config import SegmentConfig
@@ -22,10 +22,7 @@ from simclr_path.store import PatchStore
 @pytest.fixture(scope="module")
 def glands(tmp_path_factory):
     """Six 192x160 PNG images at 0.5 um/px tiled at 1.0 um/px into 32 px patches (raw codec)."""
-    root = tmp_path_factory.mktemp("glands")
-    images, masks = write_gland_images(root, 6)
-    store = tile_images(sorted(images.iterdir()), root / "glands.h5", slide_mpp=0.5, mpp=1.0, patch_size=32)
-    return root, images, masks, store
+    return gland_set(tmp_path_factory.mktemp("glands"), 6)
 
 
 def labels_folder(tmp_path, masks, names, keep=None):
