@@ -1,14 +1,18 @@
-"""Writing output images atomically: a temporary file beside the target, then a rename."""
+"""Files: output images written atomically (a temporary file beside the target, then a rename), and
+torch files read safely, with a one-line reason when they cannot be."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import zipfile
 
 import cv2
 import numpy as np
+import torch
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -31,3 +35,55 @@ def write_png(path: str, image: np.ndarray) -> None:
             os.remove(tmp)
         raise SimclrPathError(f"{path}: cannot write the PNG ({exc.strerror or exc}); choose a folder you can write")\
             from None
+
+
+def load_torch_file(path: str, what: str, fix: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``; a file that cannot be read is a one-line
+    :class:`SimclrPathError`: ``<path>: not a readable <what> (<why>); <fix>``.
+
+    The why names what is wrong with the file (see :func:`unreadable_reason`), never PyTorch's
+    paragraph on ``weights_only``.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise SimclrPathError(f"{path}: no such file; {fix}") from None
+    except IsADirectoryError:
+        raise SimclrPathError(f"{path}: is a folder, not a file; {fix}") from None
+    except Exception as exc:
+        raise SimclrPathError(f"{path}: not a readable {what} ({unreadable_reason(path, exc)}); {fix}") from None
+
+
+def unreadable_reason(path: str, exc: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in a few words: empty, text, not a torch file, objects a
+    safe load refuses, or damaged (with the first line of ``exc``)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as err:
+        return err.strerror or first_line(err)
+    if size == 0:
+        return "the file is empty, 0 bytes: a copy or a write that did not finish"
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and _is_text(head):
+        return f"a text file of {size} bytes, not a PyTorch file"
+    message = str(exc)
+    if "weights only load failed" in message.lower() and "unsupported operand" not in message.lower():
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        return ("it holds Python objects a safe load (weights_only) refuses"
+                + (f", such as {found.group(1)}" if found else "") + "; simclr-path did not write it")
+    if not is_zip and head.startswith(b"PK\x03\x04"):
+        return f"truncated: a PyTorch zip archive cut short at {size} bytes"
+    if not is_zip:
+        return f"not a PyTorch file, {size} bytes: not the zip archive torch.save writes"
+    return f"damaged or truncated, {size} bytes: {first_line(exc, 120)}"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+    return b"\0" not in head
