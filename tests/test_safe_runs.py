@@ -3,6 +3,7 @@ that says what is wrong, never a traceback."""
 
 import os
 import signal
+import time
 
 import cv2
 import numpy as np
@@ -113,3 +114,88 @@ def test_export_of_an_unfinished_run_says_so(tiny_run, tmp_path):
     summary = one_json(result)
     assert summary["steps"] == 1 and summary["total_steps"] > 1 and summary["finished"] is False
     assert f"unfinished, step 1 of {summary['total_steps']}" in result.stderr
+
+
+def _segment(glands, out, *args):
+    _, store, masks, encoder = glands
+    return run_cli("segment", encoder, store, "--labels", masks, "--out", out, "--batch", 4, "--image-size", 32,
+                   "--device", "cpu", "-q", "--checkpoint-every", 100, *args)
+
+
+@pytest.mark.slow
+def test_sigterm_to_segment_and_its_workers_checkpoints_and_exits_143(glands, tmp_path):
+    """scancel signals every process of the job: the loader workers ignore SIGTERM (as pretrain's do),
+    so the run finishes its step, checkpoints it and exits 143 instead of dying in a DataLoader
+    traceback; the same command resumes."""
+    import subprocess
+    import sys
+
+    _, store, masks, encoder = glands
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "simclr_path", "segment", str(encoder), str(store), "--labels", str(masks),
+           "--out", str(run), "--workers", "2", "--batch", "4", "--image-size", "32", "--device", "cpu", "-q",
+           "--log-every", "1", "--checkpoint-every", "1000", "--steps", "5000"]
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                            start_new_session=True)  # its own process group, as a job step is
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers, as scancel does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "stopped on SIGTERM after step" in stderr and "Traceback" not in stderr
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 3  # progress since the last scheduled checkpoint (none) was kept
+    resumed = run_cli("segment", encoder, store, "--labels", masks, "--out", run, "--workers", 0, "--batch", 4,
+                      "--image-size", 32, "--device", "cpu", "-q", "--log-every", 1, "--checkpoint-every", 1000,
+                      "--steps", 5000, "--max-steps", step + 1)
+    assert one_json(resumed)["step"] == step + 1 and f"resuming at step {step}" in resumed.stderr
+
+
+def test_ctrl_c_between_segment_steps_checkpoints_the_last_one(glands, tmp_path, monkeypatch):
+    """Ctrl-C keeps the steps done since the last --checkpoint-every (they were lost) and exits 130."""
+    import simclr_path.segment.train as train_module
+
+    original = train_module.train_step
+
+    def then_interrupt(run, batch):
+        losses = original(run, batch)
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", then_interrupt)
+    result = _segment(glands, tmp_path / "run", "--workers", 0, "--max-steps", 6)
+    assert result.exit_code == 130 and "rerun the same command to resume" in result.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_ctrl_c_inside_an_update_keeps_the_checkpoint_before_it(glands, tmp_path, monkeypatch):
+    """An update the interrupt cut in half is never saved: the last checkpoint stays."""
+    calls = []
+    original = torch.optim.AdamW.step
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    result = _segment(glands, tmp_path / "run", "--workers", 0, "--max-steps", 6, "--checkpoint-every", 2)
+    assert result.exit_code == 130
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_second_segment_into_the_same_folder_is_refused(glands, tmp_path):
+    from simclr_path.runtime.files import locked_run_folder
+
+    with locked_run_folder(str(tmp_path / "run"), "simclr-path segment"):  # a run in another process
+        result = _segment(glands, tmp_path / "run", "--workers", 0, "--max-steps", 1)
+        assert_error(result, "another 'simclr-path segment' is running in this folder", "another --out")
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert one_json(_segment(glands, tmp_path / "run", "--workers", 0, "--max-steps", 1))["step"] == 1
+    assert_error(_segment(glands, tmp_path / "refused", "--workers", 0, "--classes", "a"), "--classes")
+    assert not (tmp_path / "refused").exists()  # a refused run leaves no folder behind

@@ -1,8 +1,10 @@
-"""Files: output images written atomically (a temporary file beside the target, then a rename), and
-torch files read safely, with a one-line reason when they cannot be."""
+"""Files: output images written atomically (a temporary file beside the target, then a rename), torch
+files read safely (a one-line reason when they cannot be), and run folders locked while a run writes."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -87,3 +89,45 @@ def _is_text(head: bytes) -> bool:
         if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
             return False
     return b"\0" not in head
+
+
+#: The file a run holds an exclusive ``flock`` on while it writes its folder.
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def locked_run_folder(out: str, command: str):
+    """Create the run folder ``out`` if needed and hold its lock until the block ends; a second run
+    into the same folder (which would interleave ``metrics.jsonl`` and race on the checkpoint) is
+    refused with one line.
+
+    The lock is ``flock`` on ``out/.lock``: the kernel drops it when the process ends however it ends,
+    so a killed run never leaves a stale lock. A folder this call created is removed again when the
+    block fails before anything but the lock was written (a refused run leaves nothing behind).
+    """
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fh = open(os.path.join(out, RUN_LOCK), "a")
+    except OSError as exc:
+        raise SimclrPathError(f"{out}: run folder cannot be created ({exc.strerror}); choose another --out") from None
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SimclrPathError(
+                f"{out}: another '{command}' is running in this folder (it holds {RUN_LOCK}); wait for it to "
+                "finish or choose another --out"
+            ) from None
+        except OSError:
+            pass  # a file system without flock: run unlocked, as before
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(out) == [RUN_LOCK]:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, RUN_LOCK))
+                    os.rmdir(out)
+            raise
+    finally:
+        fh.close()
