@@ -199,3 +199,73 @@ def test_a_second_segment_into_the_same_folder_is_refused(glands, tmp_path):
     assert one_json(_segment(glands, tmp_path / "run", "--workers", 0, "--max-steps", 1))["step"] == 1
     assert_error(_segment(glands, tmp_path / "refused", "--workers", 0, "--classes", "a"), "--classes")
     assert not (tmp_path / "refused").exists()  # a refused run leaves no folder behind
+
+
+def test_a_zero_byte_mask_png_is_a_one_line_error(glands, tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "img0.png").write_bytes(b"")  # cv2.imdecode raised on it
+    _, store, _, encoder = glands
+    result = run_cli("segment", encoder, store, "--labels", labels, "--out", tmp_path / "run", *SEGMENT_ARGS)
+    assert_error(result, "img0.png", "not a readable PNG mask")
+
+
+def test_an_unclassified_geojson_polygon_says_so(glands, tmp_path):
+    import json
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    square = [[[0, 0], [60, 0], [60, 60], [0, 60], [0, 0]]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+               "properties": {"objectType": "annotation", "name": "gland 3"}}
+    (labels / "img0.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    _, store, _, encoder = glands
+    result = run_cli("segment", encoder, store, "--labels", labels, "--classes", "background,gland", "--out",
+                     tmp_path / "run", *SEGMENT_ARGS)
+    assert_error(result, "img0.geojson", "no classification", "'gland 3'", "classify it in QuPath")
+    assert "None" not in result.stderr
+
+
+def test_eval_max_per_class_below_one_is_a_one_line_error(glands, tmp_path):
+    encoder = glands[3]
+    for bad in (0, -1):
+        assert_error(run_cli("eval", encoder, "--labeled", tmp_path, "--max-per-class", bad, "--device", "cpu"),
+                     f"--max-per-class must be 1 or more, got {bad}")
+
+
+@pytest.mark.parametrize("objective_power", [None, 20.0])
+def test_a_slide_without_mpp_is_told_magnification_only_when_it_has_objective_power(objective_power):
+    from simclr_path.errors import SlideError
+    from simclr_path.wsi.grid import TileSpec, plan_patches
+    from simclr_path.wsi.slide import SlideMeta
+
+    meta = SlideMeta(path="core.png", fingerprint="f", vendor="", level_dimensions=((640, 480),),
+                     level_downsamples=(1.0,), mpp=None, mpp_source="none", objective_power=objective_power)
+    with pytest.raises(SlideError, match="--slide-mpp") as raised:
+        plan_patches(meta, TileSpec(target_mpp=0.5), lambda downsample: 0)
+    assert ("--magnification" in str(raised.value)) == (objective_power is not None)
+
+
+def test_resume_after_the_store_grew_names_the_store_change(tiny_run, tmp_path):
+    root, _ = tiny_run
+    store = tmp_path / "s.h5"
+    one_json(run_cli("ingest", root / "images", "--out", store, "--no-labels", "--mpp", 0.5))
+    run = tmp_path / "run"
+    one_json(run_cli("pretrain", store, "--out", run, *TINY_PRETRAIN, "--max-steps", 1))
+    bigger = tmp_path / "images"
+    for copy in ("a", "b"):
+        (bigger / copy).mkdir(parents=True)
+        for image in (root / "images" / "a").iterdir():
+            (bigger / copy / image.name).write_bytes(image.read_bytes())
+    one_json(run_cli("ingest", bigger, "--out", tmp_path / "grown.h5", "--no-labels", "--mpp", 0.5))
+    os.replace(tmp_path / "grown.h5", store)  # the same store path, now with more patches
+    assert_error(run_cli("pretrain", store, "--out", run, *TINY_PRETRAIN, "--max-steps", 2),
+                 "the stores changed since this run started", "24 patches then, 48 now", "new --out")
+
+
+def test_first_line_of_an_empty_message_is_the_exception_type():
+    from simclr_path.errors import first_line
+
+    assert first_line(EOFError()) == "EOFError"
+    assert first_line(RuntimeError("\n  \nsecond line\nthird")) == "second line"
+    assert first_line(ValueError("x" * 500), 10) == "x" * 10

@@ -212,6 +212,12 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
         if s.mask is None:
             index = {c: i for i, c in enumerate(classes)}
             for a in s.annotations:
+                if a.classification is None:
+                    raise SimclrPathError(
+                        f"{s.source}: an annotation has no classification (an unclassified polygon"
+                        + (f" named {a.name!r}" if a.name else "") + "); classify it in QuPath as one of "
+                        f"{','.join(classes)} (or delete it) and export again"
+                    )
                 if a.classification not in index and a.classification != ANNOTATE_NEXT:
                     raise SimclrPathError(
                         f"{s.source}: annotation class {a.classification!r} is not one of --classes "

@@ -20,7 +20,10 @@ IGNORE = 255
 
 def read_class_mask(path: str) -> np.ndarray:
     """uint8 (H, W) mask at ``path``. A grey image saved as three equal channels is taken as one."""
-    mask = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+    try:  # a zero-byte file makes imdecode raise rather than return None
+        mask = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+    except cv2.error:
+        mask = None
     if mask is None:
         raise SimclrPathError(f"{path}: not a readable PNG mask; save masks as one-channel PNGs "
                               "(class index per pixel, 255 = unlabelled)")
