@@ -112,8 +112,10 @@ def export(source, out, fmt):
     from simclr_path.downstream.encoder import export_encoder
 
     meta = export_encoder(source, out, fmt)
+    training = meta["training"]
     echo_json({"encoder": os.path.abspath(out), "timm_model": meta["timm_model"], "input_size": meta["input_size"],
-                "patch_mpp": meta["patch_mpp"], "steps": meta["training"]["steps"]})
+                "patch_mpp": meta["patch_mpp"], "steps": training["steps"], "total_steps": training["total_steps"],
+                "finished": training["steps"] >= training["total_steps"]})
 
 
 @click.command(epilog="Example:\n\n  simclr-path demo --out simclr-path-demo")

@@ -20,3 +20,13 @@ class StoppedBySignal(SimclrPathError):
     """A run stopped cleanly on SIGTERM (scheduler pre-emption, ``scancel``) after checkpointing."""
 
     exit_code = 143
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``exc``'s message (at most ``limit`` characters), for quoting a
+    library's error inside a one-line message; the exception's type name when the message is empty
+    (an ``EOFError`` from a zero-byte file says nothing)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -240,7 +240,8 @@ def test_srun_environment_maps_to_ranks_and_the_tasks_gpu(monkeypatch):
     from simclr_path.runtime import distributed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what _slurm_env sets below is undone after the test
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "11")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "3")

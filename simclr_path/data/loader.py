@@ -76,10 +76,11 @@ def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
     return out
 
 
-def _worker_init(worker_id: int) -> None:
-    """One OpenCV thread per worker (the workers are the parallelism). Workers leave SIGTERM to the
-    training process, which checkpoints and then ends them (a scheduler's ``scancel`` signals every
-    process of the job, workers included)."""
+def worker_init(worker_id: int) -> None:
+    """A training loader's ``worker_init_fn`` (``pretrain``'s and ``segment``'s): one OpenCV thread per
+    worker (the workers are the parallelism). Workers leave SIGTERM to the training process, which
+    checkpoints and then ends them (a scheduler's ``scancel`` signals every process of the job,
+    workers included); a worker that died of it would end the run in a DataLoader traceback."""
     if cv2.getNumThreads() != 1:  # a spawned/forkserver worker; a forked one inherited 1 (see run_batches)
         cv2.setNumThreads(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -135,7 +136,7 @@ def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin
         drop_last=True,
         pin_memory=pin_memory,
         generator=generator,
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init,
         prefetch_factor=(prefetch or PREFETCH_FACTOR) if workers > 0 else None,
     )
 
@@ -144,7 +145,7 @@ def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin
 def run_batches(loader: DataLoader):
     """Iterate ``loader`` once for the whole run; its workers are ended when the block exits.
 
-    Explicitly, also on an exception: the workers ignore SIGTERM (see :func:`_worker_init`), so
+    Explicitly, also on an exception: the workers ignore SIGTERM (see :func:`worker_init`), so
     one left to the garbage collector - kept alive by a traceback, say - would hold up the exit of
     the process that started it.
     """

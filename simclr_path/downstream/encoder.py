@@ -20,7 +20,9 @@ import torch
 from simclr_path import __version__
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, strip_prefixes
 from simclr_path.engine.config import input_size, upgrade_config_dict
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
+from simclr_path.runtime.console import log
+from simclr_path.runtime.files import load_torch_file
 
 ENCODER_FORMAT = "simclr-path encoder"
 BACKBONE_PREFIX = "backbone."
@@ -57,7 +59,18 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
     fmt = fmt or ("safetensors" if out.endswith(".safetensors") else "torch")
     if fmt not in ("torch", "safetensors"):
         raise SimclrPathError(f"--format must be torch or safetensors, got {fmt!r}")
-    ckpt = load_checkpoint(_resolve_checkpoint(source))
+    ckpt_path = _resolve_checkpoint(source)
+    if os.path.realpath(out) == os.path.realpath(ckpt_path):
+        raise SimclrPathError(
+            f"{out}: is the checkpoint being exported; the encoder would replace the training run - choose another "
+            f"OUT, e.g. {os.path.join(os.path.dirname(out) or '.', 'encoder.pt')}"
+        )
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("kind") is not None:  # pretrain checkpoints carry no kind; a segment run's does
+        raise SimclrPathError(
+            f"{source}: a {ckpt['kind']!r} run, not a pretraining run; export takes the --out folder of "
+            "'simclr-path pretrain' (segment-eval and predict use a segment run as it is)"
+        )
     cfg = upgrade_config_dict(ckpt["config"], source, quiet=True)
     name = cfg["model"]["backbone"]
     weights = backbone_state_dict(ckpt["model"])
@@ -65,7 +78,7 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
     try:
         model.load_state_dict(weights, strict=True)  # the export must match timm's names exactly
     except RuntimeError as exc:
-        raise SimclrPathError(f"{source}: weights do not match timm's {name} ({str(exc).splitlines()[0]})") from None
+        raise SimclrPathError(f"{source}: weights do not match timm's {name} ({first_line(exc)})") from None
     store = dict(ckpt.get("store", {}))
     if len({(r["target_mpp"], r["magnification"]) for r in store.get("resolutions", [])}) > 1:
         # a --mixed-mpp run has no one patch resolution: store_resolutions below lists them all
@@ -99,6 +112,10 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
             "stores": store.get("paths", []),
         },
     }
+    training = metadata["training"]
+    if training["steps"] < training["total_steps"]:
+        log(f"note: {source}: the run is unfinished, step {training['steps']} of {training['total_steps']}; "
+            "this encoder is from that step - resume its pretrain command (without --max-steps) to finish it")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise SimclrPathError(f"{out}: folder {parent} does not exist; create it first")
@@ -119,25 +136,49 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
 
 
 def read_encoder(path: str) -> tuple[dict, dict]:
-    """(state_dict, metadata) of an exported encoder, torch or safetensors, loaded safely."""
+    """(state_dict, metadata) of an exported encoder, torch or safetensors, loaded safely.
+
+    A file that is not one is a one-line error saying what it is instead: a pretraining checkpoint or
+    run folder ("export it first"), a segment run, an empty, text or damaged file.
+    """
+    export_first = "export one with 'simclr-path export RUN encoder.pt'"
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, CHECKPOINT_NAME)):
+            raise SimclrPathError(f"{path}: a run folder, not an encoder; export it first: "
+                                  f"simclr-path export {path} encoder.pt")
+        raise SimclrPathError(f"{path}: a folder, not an encoder file; {export_first}")
     if not os.path.exists(path):
         raise SimclrPathError(f"{path}: no such encoder file")
-    try:
-        if path.endswith(".safetensors"):
+    if path.endswith(".safetensors"):
+        try:
             from safetensors import safe_open
             from safetensors.torch import load_file
 
             with safe_open(path, framework="pt") as fh:
                 metadata = json.loads((fh.metadata() or {}).get("simclr_path", "{}"))
             weights = load_file(path)
-        else:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            weights, metadata = blob["state_dict"], blob.get("simclr_path", {})
-    except Exception as exc:
-        raise SimclrPathError(f"{path}: not a readable encoder file ({str(exc).splitlines()[0][:160]})") from None
-    if metadata.get("format") != ENCODER_FORMAT:
+        except Exception as exc:
+            reason = "the file is empty, 0 bytes" if os.path.getsize(path) == 0 else first_line(exc, 160)
+            raise SimclrPathError(f"{path}: not a readable encoder file ({reason}); {export_first}") from None
+    else:
+        blob = load_torch_file(path, "encoder file", export_first)
+        if not isinstance(blob, dict) or "state_dict" not in blob:
+            raise SimclrPathError(f"{path}: {_what_instead(blob, path)}")
+        weights, metadata = blob["state_dict"], blob.get("simclr_path", {})
+    if not isinstance(metadata, dict) or metadata.get("format") != ENCODER_FORMAT:
         raise SimclrPathError(f"{path}: not a simclr-path encoder (no metadata); export one with 'simclr-path export'")
     return weights, metadata
+
+
+def _what_instead(blob, path: str) -> str:
+    """What a torch file given as an encoder holds instead, and what to do."""
+    if isinstance(blob, dict) and "model" in blob and "config" in blob:
+        kind = blob.get("kind")
+        if kind is None:  # pretrain checkpoints carry no kind
+            return f"a pretraining checkpoint, not an encoder; export it first: simclr-path export {path} encoder.pt"
+        return (f"a {kind!r} checkpoint, not an encoder; pass the encoder.pt that run was trained from "
+                "(the run folder itself goes to segment-eval, predict or select --model)")
+    return "not a simclr-path encoder (no state_dict inside); export one with 'simclr-path export RUN encoder.pt'"
 
 
 def load_encoder(path: str, features_only: bool = False, **timm_kwargs):

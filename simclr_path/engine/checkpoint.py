@@ -14,6 +14,7 @@ import os
 import torch
 
 from simclr_path.errors import SimclrPathError
+from simclr_path.runtime.files import load_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -37,14 +38,16 @@ def save_checkpoint(state: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise SimclrPathError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise SimclrPathError(
-            f"{path}: not a readable simclr-path checkpoint ({str(exc).splitlines()[0][:160]})"
-        ) from None
+    """The training checkpoint at ``path``, read with ``weights_only=True``; a one-line error names
+    what is wrong with a file that is not one (empty, text, damaged, an exported encoder)."""
+    if not os.path.exists(path):
+        raise SimclrPathError(f"{path}: no such checkpoint")
+    state = load_torch_file(path, "checkpoint",
+                            "pass the --out folder of 'simclr-path pretrain' (or 'segment'), or its checkpoint.pt",
+                            map_location)
+    if isinstance(state, dict) and "state_dict" in state and "simclr_path" in state:
+        raise SimclrPathError(f"{path}: an exported encoder, not a training checkpoint; pass the run folder it was "
+                              "exported from")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise SimclrPathError(f"{path}: not a simclr-path checkpoint (no model/config inside)")
     return state

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from simclr_path.data.views import ViewConfig
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 from simclr_path.optim.optimizers import OPTIMIZERS
 from simclr_path.runtime.console import log
 
@@ -215,7 +215,7 @@ def load_config(name_or_path: str | None) -> PretrainConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SimclrPathError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise SimclrPathError(f"{path}: not valid YAML ({first_line(exc)})") from None
     return PretrainConfig.from_dict(data, source=str(path))
 
 

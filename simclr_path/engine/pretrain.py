@@ -369,6 +369,13 @@ def resume(run: Run, ckpt: dict | None) -> None:
         saved = upgrade_config_dict(ckpt["config"], run.checkpoint_path, quiet=True)
         saved_batch = saved["optim"]["global_batch"]
         if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.global_batch:
+            store_change = _store_change(ckpt.get("store") or {}, run)
+            if store_change:
+                raise SimclrPathError(
+                    f"{run.checkpoint_path}: the stores changed since this run started ({store_change}), and with "
+                    f"them its schedule ({ckpt.get('total_steps')} steps); resume on the stores as they were, or "
+                    "train on them as they are now in a new --out"
+                )
             raise SimclrPathError(
                 f"{run.checkpoint_path}: this run was started with --batch {saved_batch} and "
                 f"{ckpt.get('total_steps')} scheduled steps ({saved['optim']['epochs']} epochs); resume "
@@ -382,6 +389,19 @@ def resume(run: Run, ckpt: dict | None) -> None:
         run.scheduler.step_update(num_updates=0)
     run.chunk = _resolve_chunk(cfg, run.model, run.device, 2 * run.per_rank_batch)
     run.train_model = _wrap_for_training(run.model, cfg, run.device, run.world)
+
+
+def _store_change(saved_store: dict, run: Run) -> str:
+    """How the run's stores differ from those its checkpoint was trained on ('' when they do not):
+    patches then and now, and the store files when those changed too."""
+    then = saved_store.get("patches")
+    if then is None or then == len(run.store):
+        return ""
+    change = f"{then} patches then, {len(run.store)} now"
+    paths = [os.path.abspath(p) for p in run.stores]
+    if saved_store.get("paths") and saved_store["paths"] != paths:
+        change += f"; stores then {', '.join(saved_store['paths'])}, now {', '.join(paths)}"
+    return change
 
 
 def check_resumed_settings(run: Run, saved: dict, step: int) -> None:

@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 
 
 def check_backbone_name(name: str) -> None:
@@ -37,7 +37,7 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Mo
                                      pretrained_cfg_overlay={"file": os.path.abspath(pretrained)}, **kwargs)
         except Exception as exc:
             raise SimclrPathError(
-                f"{pretrained}: cannot load into {name} ({str(exc).splitlines()[0][:200]}); "
+                f"{pretrained}: cannot load into {name} ({first_line(exc, 200)}); "
                 "check the file matches the backbone"
             ) from None
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -327,6 +327,12 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
     for s in geojson:
         index = {c: i for i, c in enumerate(classes)}
         for a in s.annotations:
+            if a.classification is None:
+                raise SimclrPathError(
+                    f"{s.source}: an annotation has no classification (an unclassified polygon"
+                    + (f" named {a.name!r}" if a.name else "") + "); classify it in QuPath as one of "
+                    f"{','.join(classes)} (or delete it) and export again"
+                )
             if a.classification == ANNOTATE_NEXT:
                 annotated[0] = annotated.get(0, 0) + 1
                 continue

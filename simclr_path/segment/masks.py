@@ -89,7 +89,7 @@ def decode_mask(path: str) -> DecodedMask:
     if not os.path.isfile(path):
         raise SimclrPathError(f"{path}: no such mask file; {_FORMAT_HINT}")
     if os.path.getsize(path) == 0:
-        raise SimclrPathError(f"{path}: the mask file is empty (0 bytes); write it again")
+        raise SimclrPathError(f"{path}: not a readable PNG mask (the file is empty, 0 bytes); write it again")
     try:
         with Image.open(path) as image:
             image.load()

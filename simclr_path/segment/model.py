@@ -17,7 +17,7 @@ from torch import nn
 
 from simclr_path.downstream.encoder import read_encoder
 from simclr_path.downstream.segmentation import load_smp_encoder
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, read_segment_checkpoint
 
 #: The input side of a five-stage Unet must be a multiple of this.
@@ -34,7 +34,7 @@ def build_unet(timm_model: str, num_classes: int) -> nn.Module:
         return smp.Unet(encoder_name=f"tu-{timm_model}", encoder_weights=None, classes=num_classes)
     except Exception as exc:  # timm has no such model, or it has no feature pyramid smp can use
         raise SimclrPathError(
-            f"smp cannot build a Unet on timm's {timm_model!r} ({str(exc).splitlines()[0][:160]}); "
+            f"smp cannot build a Unet on timm's {timm_model!r} ({first_line(exc, 160)}); "
             "pretrain a CNN backbone with a feature pyramid (e.g. resnet18, resnet50)"
         ) from None
 
@@ -104,7 +104,7 @@ def load_segment_run(run: str, device: torch.device | str = "cpu") -> tuple[nn.M
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise SimclrPathError(f"{run}: weights do not fit the run's Unet ({str(exc).splitlines()[0][:160]})") from None
+        raise SimclrPathError(f"{run}: weights do not fit the run's Unet ({first_line(exc, 160)})") from None
     return model.to(device).eval(), meta
 
 

@@ -13,7 +13,9 @@ unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to
 
 Run conventions follow ``pretrain``: ``config.yaml``, ``metrics.jsonl``, ``curves.png`` and an
 atomic ``checkpoint.pt`` in the run folder; the same command resumes exactly (batches are a
-function of (seed, step)); SIGTERM checkpoints and stops (exit 143); one JSON summary on stdout.
+function of (seed, step)); SIGTERM checkpoints and stops (exit 143; the loader workers ignore it, as
+``pretrain``'s do), and so does Ctrl-C (exit 130); a second run into the same folder is refused (a
+run holds its folder's lock); one JSON summary on stdout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_path.data.input_spec import InputSpec
+from simclr_path.data.loader import run_batches, worker_init
 from simclr_path.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from simclr_path.runtime.files import file_sha256
 from simclr_path.downstream.encoder import read_encoder
@@ -42,6 +45,7 @@ from simclr_path.errors import SimclrPathError, StoppedBySignal
 from simclr_path.optim.schedule import build_scheduler
 from simclr_path.runtime.console import log, stderr_console
 from simclr_path.runtime.device import native_bf16, resolve_device
+from simclr_path.runtime.files import locked_run_folder
 from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, read_segment_checkpoint
 from simclr_path.segment.config import (FIXED_ON_RESUME, FIXMATCH_ONLY, RANDOM_INIT_PREFIX, SegmentConfig,
                                         default_epochs, save_segment_config)
@@ -71,6 +75,8 @@ class SegmentRun:
     schedule_steps: int
     bf16: bool = False  # bf16 autocast: native on the device (decided once, at build)
     step: int = 0
+    saved_step: int = 0  # the step the checkpoint in ``out`` holds
+    consistent: bool = True  # False while an optimiser step and the teacher's update are half-applied
     stop: StopOnSigterm | None = None
     records: list = field(default_factory=list)
     resume_from: dict | None = None  # the checkpoint ``out`` held at build, read once; dropped once loaded
@@ -95,6 +101,7 @@ class SegmentRun:
             "config": self.cfg.as_dict(),
             "meta": self.meta,
         }, self.checkpoint_path)
+        self.saved_step = self.step
 
 
 def encoder_meta(cfg: SegmentConfig) -> dict:
@@ -243,7 +250,7 @@ def open_segment_folder(run: SegmentRun) -> None:
     if run.teacher is not None:
         run.teacher.load_state_dict(ckpt["teacher"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.step = int(ckpt["step"])
+    run.step = run.saved_step = int(ckpt["step"])
     run.scheduler.step_update(run.step)
 
 
@@ -291,11 +298,13 @@ def train_step(run: SegmentRun, batch) -> dict:
         )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    run.consistent = False
     run.optimizer.step()
     run.step += 1
     run.scheduler.step_update(run.step)
     if run.teacher is not None:
         update_teacher(run.teacher, run.model, cfg.ema)
+    run.consistent = True
     losses["loss"] = loss
     return {k: v.detach() for k, v in losses.items()}
 
@@ -344,34 +353,37 @@ def train(run: SegmentRun, metrics: MetricsLog, progress) -> None:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
         collate_fn=lambda samples: collate(samples, cfg.batch), persistent_workers=False,
+        worker_init_fn=worker_init,  # workers leave SIGTERM to this process, as pretrain's do
     )
     run.model.train()
-    window, started, images = [], time.perf_counter(), 0
-    for batch in loader:
-        losses = train_step(run, batch)
-        window.append(losses)
-        images += len(batch[0]) + (len(batch[2]) if batch[2] is not None else 0)
-        last = run.step == run.total_steps
-        if run.step % cfg.log_every == 0 or run.step == 1 or last:
-            record = {"step": run.step, **{k: round(float(torch.stack([w[k] for w in window]).mean()), 5)
-                                            for k in window[0]},
-                      "lr": run.optimizer.param_groups[1]["lr"],
-                      "img_per_s": round(images / max(time.perf_counter() - started, 1e-9), 2)}
-            metrics.write(record)
-            run.records.append(record)
-            window, started, images = [], time.perf_counter(), 0
-            progress(run.step, record)
-        if run.step % cfg.checkpoint_every == 0 or last:
-            run.save_checkpoint()
-        if run.stop is not None and run.stop.requested:
-            run.save_checkpoint()
-            break
+    with run_batches(loader) as batches:  # its workers are ended when the loop ends, however it ends
+        window, started, images = [], time.perf_counter(), 0
+        for batch in batches:
+            losses = train_step(run, batch)
+            window.append(losses)
+            images += len(batch[0]) + (len(batch[2]) if batch[2] is not None else 0)
+            last = run.step == run.total_steps
+            if run.step % cfg.log_every == 0 or run.step == 1 or last:
+                record = {"step": run.step, **{k: round(float(torch.stack([w[k] for w in window]).mean()), 5)
+                                                for k in window[0]},
+                          "lr": run.optimizer.param_groups[1]["lr"],
+                          "img_per_s": round(images / max(time.perf_counter() - started, 1e-9), 2)}
+                metrics.write(record)
+                run.records.append(record)
+                window, started, images = [], time.perf_counter(), 0
+                progress(run.step, record)
+            if run.step % cfg.checkpoint_every == 0 or last:
+                run.save_checkpoint()
+            if run.stop is not None and run.stop.requested:
+                if run.saved_step < run.step:
+                    run.save_checkpoint()
+                break
 
 
 def train_segmentation(stores: list[str], labels_dir: str, out: str, cfg: SegmentConfig,
                        progress: bool = True) -> dict:
     """Train (or resume) a segmentation run; returns its JSON summary."""
-    with StopOnSigterm() as stop:
+    with StopOnSigterm() as stop, locked_run_folder(out, "simclr-path segment"):
         run = build_segment_run(stores, labels_dir, out, cfg)
         run.stop = stop
         open_segment_folder(run)
@@ -379,9 +391,15 @@ def train_segmentation(stores: list[str], labels_dir: str, out: str, cfg: Segmen
         log(describe(run))
         metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), run.step)
         started = time.perf_counter()
-        with _progress(run, progress) as report:
-            train(run, metrics, report)
-    plot_curves(metrics.records, os.path.join(out, "curves.png"), loss_label="segmentation loss")
+        try:
+            with _progress(run, progress) as report:
+                train(run, metrics, report)
+        except KeyboardInterrupt:
+            # Ctrl-C: keep the steps since the last checkpoint, unless it came in the middle of an update
+            if run.consistent and run.step > run.saved_step:
+                run.save_checkpoint()
+            raise
+        plot_curves(metrics.records, os.path.join(out, "curves.png"), loss_label="segmentation loss")
     if stop.requested and run.step < run.total_steps:
         raise StoppedBySignal(
             f"stopped on SIGTERM after step {run.step}; checkpoint saved to {run.checkpoint_path} - "

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import torch
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 from simclr_path.selection.regions import Regions, slide_coords
 from simclr_path.store import PatchStore, PatchSubset
 
@@ -99,7 +99,7 @@ def region_features_from_embed(features_dir: str, encoder: str, regions: Regions
                 sums.index_add_(0, torch.from_numpy(patch_region[members]),
                                 torch.from_numpy(block[sorted_rows[lo:hi] - first]))
     except (OSError, KeyError) as exc:
-        raise SimclrPathError(f"{path}: not a readable embed features file ({str(exc).splitlines()[0]}); "
+        raise SimclrPathError(f"{path}: not a readable embed features file ({first_line(exc)}); "
                               f"{_EMBED_HINT}") from None
     return _normalised_means(sums, regions)
 

@@ -38,7 +38,7 @@ from typing import Callable, TypeVar
 
 import h5py
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 
 FORMAT = "simclr-path patch store"
 SCHEMA_VERSION = 1
@@ -95,7 +95,7 @@ def open_h5(path: str, mode: str, *, lock: bool | None = None) -> h5py.File:
                 "re-run 'simclr-path tile' into a new --out"
             ) from None
         raise SimclrPathError(
-            f"{path}: HDF5 file cannot be opened ({str(exc).splitlines()[0]}); "
+            f"{path}: HDF5 file cannot be opened ({first_line(exc)}); "
             "it may be damaged or open for writing elsewhere"
         ) from None
 

@@ -112,10 +112,10 @@ def plan_patches(meta: SlideMeta, spec: TileSpec, best_level_for_downsample) -> 
     """
     name = meta.path
     if spec.target_mpp is not None:
-        if meta.mpp is None:
+        if meta.mpp is None:  # --magnification helps only where the slide records its objective power
             raise SlideError(
-                f"{name}: no microns-per-pixel in its metadata; "
-                "pass --slide-mpp 0.25 (or --mpp-csv slide,mpp) or tile by --magnification"
+                f"{name}: no microns-per-pixel in its metadata; pass --slide-mpp 0.25 (or --mpp-csv slide,mpp)"
+                + (" or tile by --magnification" if meta.objective_power is not None else "")
             )
         scale = spec.target_mpp / meta.mpp
         target_mpp = spec.target_mpp

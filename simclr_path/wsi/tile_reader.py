@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import openslide
 
-from simclr_path.errors import SlideError
+from simclr_path.errors import SlideError, first_line
 from simclr_path.store.codecs import encode_patches
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.preview import legend_text, write_preview
@@ -87,7 +87,7 @@ def fingerprint_slide(path: str) -> str:
     except IsADirectoryError:
         raise SlideError(f"{path}: is a folder, not a slide file") from None
     except OSError as exc:
-        raise SlideError(f"{path}: cannot be read ({exc.strerror or _first_line(exc)}); check the file") from None
+        raise SlideError(f"{path}: cannot be read ({exc.strerror or first_line(exc)}); check the file") from None
 
 
 @dataclass
@@ -121,7 +121,7 @@ def prepare_slide(
     except SlideError:
         raise
     except Exception as exc:  # OpenSlide raises on corrupt tiles mid-read
-        raise SlideError(f"{path}: cannot be read ({_first_line(exc)}); re-export or remove it") from None
+        raise SlideError(f"{path}: cannot be read ({first_line(exc)}); re-export or remove it") from None
     mask = tissue_mask(thumb)
     fractions = tissue_fractions(mask, mask_ds, coords, plan.patch_size_level0)
     keep = fractions >= spec.min_tissue if spec.min_tissue > 0 else np.ones(len(coords), bool)
@@ -135,11 +135,6 @@ def prepare_slide(
         write_preview(os.path.join(preview_dir, f"{preview_name}.png"), slide, mask, result.coords,
                       plan.patch_size_level0, legend)
     return result
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def plan_tasks(sp: SlidePlan, max_run: int = RUN_PATCHES, max_task: int = TASK_PATCHES) -> list[np.ndarray]:
@@ -195,7 +190,7 @@ def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
     except SlideError:
         raise
     except Exception as exc:
-        raise SlideError(f"{path}: cannot be read ({_first_line(exc)}); re-export or remove it") from None
+        raise SlideError(f"{path}: cannot be read ({first_line(exc)}); re-export or remove it") from None
     return encode_patches(patches, spec.codec, spec.jpeg_quality)
 
 

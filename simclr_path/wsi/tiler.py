@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simclr_path.errors import SimclrPathError, SlideError
+from simclr_path.errors import SimclrPathError, SlideError, first_line
 from simclr_path.runtime.console import Reporter
 from simclr_path.store import StoreWriter
 from simclr_path.store.codecs import create_pixel_dataset, write_patches
@@ -403,5 +403,5 @@ class _disk_errors:
                 "(finished slides are kept)"
             ) from None
         raise SimclrPathError(
-            f"{self.path}: write failed ({str(exc).splitlines()[0]}); rerun the same command to resume"
+            f"{self.path}: write failed ({first_line(exc)}); rerun the same command to resume"
         ) from None
