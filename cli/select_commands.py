@@ -32,6 +32,9 @@ Examples:
               help="A 'segment' run folder (for --strategy entropy/hybrid).")
 @click.option("--annotated", type=click.Path(file_okay=False), default=None,
               help="Folder of <slide>.geojson (QuPath export) / <slide>.png masks already annotated: never proposed.")
+@click.option("--mask-format", type=click.Choice(["auto", "index", "binary"]), default="auto", show_default=True,
+              help="--annotated masks: index = class index per pixel, 255 unlabelled; binary = 0 background, any "
+                   "other value labelled; auto = binary when the masks hold only 0 and 255.")
 @click.option("--pool", type=int, default=None, help="hybrid: diversify among this many most uncertain regions "
                                                      "[default: 4 x budget].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
@@ -40,14 +43,14 @@ Examples:
               help="Patches per forward pass (the segment model takes at most 32).")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def select(encoder, stores, budget, out, region_size, strategy, features_dir, model, annotated, pool, seed, device,
-           batch, workers, quiet):
+def select(encoder, stores, budget, out, region_size, strategy, features_dir, model, annotated, mask_format, pool, seed,
+           device, batch, workers, quiet):
     """Rank regions of the stored slides for annotation; write what a pathologist opens.
 
     A region is a square of K x K tissue patches; its feature is the mean of its patches' encoder
     features. Regions already annotated (--annotated) are never proposed. Writes
     OUT/<slide>.geojson (QuPath opens it: rectangles in level-0 pixels, class "Annotate next", name
-    "rank N"), OUT/<slide>.png (a thumbnail with the regions numbered) and OUT/regions.csv
+    "rank N"), OUT/<slide>.thumbnail.png (a thumbnail with the regions numbered) and OUT/regions.csv
     (slide,rank,x,y,width,height,score over all slides, level-0 pixels).
     """
     from simclr_path.runtime.console import Reporter
@@ -56,7 +59,7 @@ def select(encoder, stores, budget, out, region_size, strategy, features_dir, mo
     echo_json(select_regions_for_annotation(
         encoder, list(stores), out, budget=budget, region_size=region_size, strategy=strategy,
         features_dir=features_dir, model=model, annotated=annotated, pool=pool, seed=seed, device=device,
-        batch_size=batch, workers=workers, reporter=Reporter(enabled=not quiet)))
+        batch_size=batch, workers=workers, reporter=Reporter(enabled=not quiet), mask_format=mask_format))
 
 
 COMMANDS = [select]

@@ -443,7 +443,7 @@ def test_embed_gives_same_named_slides_of_two_stores_their_own_files(tiny_encode
     out = tmp_path / "features"
     summary, _ = _embed(tiny_encoder, [tiles_store, tiles_store], out)
     assert summary["slides"] == 6 and summary["patches"] == 48
-    names = ["a", "b", "c", "a-tiles", "b-tiles", "c-tiles"]
+    names = ["a-tiles", "b-tiles", "c-tiles", "a-tiles-2", "b-tiles-2", "c-tiles-2"]  # every copy qualified
     assert sorted(p.stem for p in (out / "h5_files").iterdir()) == sorted(names)
     with h5py.File(out / "features.h5") as f:
         assert [s.decode() for s in f["slide_names"]] == names

@@ -172,6 +172,15 @@ def test_an_untouched_proposed_square_labels_nothing_and_is_counted(glands, tmp_
     gland = [[x0 + 8, y0 + 8], [x0 + 24, y0 + 8], [x0 + 24, y0 + 24], [x0 + 8, y0 + 24], [x0 + 8, y0 + 8]]
     features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [gland]},
                      "properties": {"objectType": "annotation", "classification": {"name": "gland"}}})
+    sx0, sy0 = features[0]["geometry"]["coordinates"][0][0]
+    sx1, sy1 = features[0]["geometry"]["coordinates"][0][2]
+    others = [f for f in features[1:] if f["properties"].get("classification", {}).get("name") == "Annotate next"]
+    if others:  # an L-shaped drawing beside another square, reaching into its box: that square stays untouched
+        ox0, oy0 = others[0]["geometry"]["coordinates"][0][0]
+        ell = [[ox0 - 40, oy0 - 40], [ox0 + 4, oy0 - 40], [ox0 + 4, oy0 + 4], [ox0 - 30, oy0 + 4],
+               [ox0 - 30, oy0 + 40], [ox0 - 40, oy0 + 40], [ox0 - 40, oy0 - 40]]
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ell]},
+                         "properties": {"objectType": "annotation", "classification": {"name": "gland"}}})
     (labels / first.name).write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     for other in proposals[1:]:
         shutil.copy(other, labels / other.name)  # exported back untouched
@@ -181,7 +190,10 @@ def test_an_untouched_proposed_square_labels_nothing_and_is_counted(glands, tmp_
     assert label_set.unannotated_proposals == total - 1
     assert any(f"{total - 1} of {total} proposed" in line for line in lines)
     labelled = label_set.labelled_indices(store)
-    assert len(labelled) == 1  # only the square with a drawing in it
+    in_square = [i for i in labelled if sx0 <= store.coords(int(i))[1] < sx1 and sy0 <= store.coords(int(i))[2] < sy1]
+    assert len(in_square) == 1  # the square with a drawing in it
+    assert all((label_set.patch_mask(store, int(i)) != 0).all() or int(i) in in_square
+               for i in labelled)  # elsewhere only the drawing itself labels pixels: no square became background
     assert (label_set.patch_mask(store, int(labelled[0])) == 0).sum() > 0  # its undrawn rest: background
     # the whole round came back untouched: no labels, said so
     untouched = tmp_path / "untouched"
@@ -199,11 +211,25 @@ def test_a_reimported_proposal_marks_exactly_its_region_when_patches_overlap(gla
     store_path = tile_images([images / "img0.png"], tmp_path / "overlap.h5", slide_mpp=0.5, mpp=1.0, patch_size=32,
                              stride=16)
     encoder = export_random_encoder(tmp_path / "enc.pt")
-    one_json(run_cli("select", encoder, store_path, "--budget", "1", "--region-size", "2", "--out", tmp_path / "r1",
+    one_json(run_cli("select", encoder, store_path, "--budget", "3", "--region-size", "2", "--out", tmp_path / "r1",
                      "--workers", "0", "-q"))
-    summary = one_json(run_cli("select", encoder, store_path, "--budget", "1", "--region-size", "2", "--annotated",
-                               tmp_path / "r1", "--out", tmp_path / "r2", "--workers", "0", "-q"))
-    assert summary["regions_annotated"] == 1
+    proposals = tmp_path / "r1" / "img0.geojson"
+    features = _square_features(proposals)
+    (_, y0), (x1, y1) = features[0]["geometry"]["coordinates"][0][0], features[0]["geometry"]["coordinates"][0][2]
+    # a gland drawn in the first square, at its edge: inside the strip its neighbours' boxes share
+    gx, gy = x1 - 20, (y0 + y1) / 2
+    gland = [[gx, gy], [gx + 12, gy], [gx + 12, gy + 12], [gx, gy + 12], [gx, gy]]
+    features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [gland]},
+                     "properties": {"objectType": "annotation", "classification": {"name": "gland"}}})
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "img0.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    result = run_cli("select", encoder, store_path, "--budget", "1", "--region-size", "2", "--annotated", labels,
+                     "--out", tmp_path / "r2", "--workers", "0", "-q")
+    assert one_json(result)["regions_annotated"] == 1  # the square drawn in, not its neighbours
+    assert "2 proposed 'Annotate next' square(s) came back with nothing drawn" in result.stderr
+    label_set = load_labels(str(labels), PatchStore(str(store_path)), ["background", "gland"])
+    assert label_set.unannotated_proposals == 2  # segment reads the same square as annotated, the same two not
 
 
 # --- one slide name in two stores -------------------------------------------------------------------
@@ -216,8 +242,10 @@ def test_a_slide_name_in_two_stores_keeps_two_keys_in_every_command(glands, tmp_
     shutil.copy(images / "img1.png", b_dir / "img0.png")  # another image, the same name
     b = tile_images([b_dir / "img0.png"], tmp_path / "site_b.h5", slide_mpp=0.5, mpp=1.0, patch_size=32)
     store = PatchStore([str(a), str(b)])
-    assert store.slide_names == ["img0", "img0-site_b"]
+    assert store.slide_names == ["img0-site_a", "img0-site_b"]  # both qualified: no key depends on the order
+    assert PatchStore([str(b), str(a)]).slide_names == ["img0-site_b", "img0-site_a"]
     assert store.slide_source("img0-site_b") == (str(b), "img0")
+    assert PatchStore(str(a)).slide_names == ["img0"]  # alone, a slide keeps its name
     # labels for the second store's slide only land on its patches
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -230,13 +258,19 @@ def test_a_slide_name_in_two_stores_keeps_two_keys_in_every_command(glands, tmp_
     assert np.array_equal(label_set.patch_mask(store, start_b), truth[y:y + 64:2, x:x + 64:2])
     # coords files: one each, never one overwriting the other
     one_json(run_cli("coords", a, b, "--out", tmp_path / "coords"))
-    assert sorted(p.name for p in (tmp_path / "coords").iterdir()) == ["img0-site_b.h5", "img0.h5"]
+    assert sorted(p.name for p in (tmp_path / "coords").iterdir()) == ["img0-site_a.h5", "img0-site_b.h5"]
     # predict writes both; its files are accepted back by segment --labels and select --annotated
     encoder = export_random_encoder(tmp_path / "enc.pt")
     one_json(run_cli("segment", encoder, a, b, "--labels", labels, "--out", tmp_path / "run", "--max-steps", "1",
                      "--workers", "0", "-q"))
     one_json(run_cli("predict", tmp_path / "run", a, b, "--out", tmp_path / "pred", "--workers", "0", "-q"))
-    assert {"img0.png", "img0-site_b.png"} <= {p.name for p in (tmp_path / "pred").iterdir()}
+    assert {"img0-site_a.png", "img0-site_b.png"} <= {p.name for p in (tmp_path / "pred").iterdir()}
+    # a label file named by the bare slide name cannot say which store it is for: skipped, never guessed
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(masks / "img0.png", bare / "img0.png")
+    with pytest.raises(SimclrPathError, match="img0-site_a"):
+        load_labels(str(bare), store)
     back = tmp_path / "back"
     back.mkdir()
     shutil.copy(tmp_path / "pred" / "img0-site_b.png", back / "img0-site_b.png")
@@ -330,3 +364,52 @@ def test_a_predicted_mask_with_no_foreground_reads_back_as_class_indices(glands,
     assert set(np.unique(labels.slides["img0"].mask)) == {0, IGNORE}
     one_json(run_cli("predict", trained, store, "--out", tmp_path / "out", "--workers", "0", "-q"))
     assert decode_mask(str(tmp_path / "out" / "img0.png")).declared == "index"
+
+
+def test_a_folder_mixing_0_255_and_class_index_masks_is_refused_but_1_bit_masks_mix_with_0_255(glands, tmp_path):
+    _, _, _, store_path = glands
+    store = PatchStore(str(store_path))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "img0.png"), mask_of(glands, "img0") * 255)  # 0/255
+    cv2.imwrite(str(folder / "img1.png"), mask_of(glands, "img1"))  # 0/1 in 8 bits: class indices
+    with pytest.raises(SimclrPathError, match=r"mix conventions: img0.png holds only 0 and 255.*img1.png.*"
+                                              r"--mask-format binary"):
+        load_labels(str(folder), store)
+    assert load_labels(str(folder), store, mask_format="binary").slides["img1"].mask.max() == 1
+    Image.fromarray(mask_of(glands, "img1").astype(bool)).save(folder / "img1.png")  # 1-bit: binary by itself
+    labels = load_labels(str(folder), store)
+    assert labels.slides["img0"].mask.max() == 1 and labels.slides["img1"].mask.max() == 1
+
+
+def test_select_refuses_an_annotated_folder_that_names_no_slide(glands, tmp_path):
+    _, _, _, store_path = glands
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+    for case in ("empty", "stray", "thumbnails"):
+        folder = tmp_path / case
+        folder.mkdir()
+        if case == "stray":
+            cv2.imwrite(str(folder / "elsewhere.png"), mask_of(glands))
+        elif case == "thumbnails":
+            cv2.imwrite(str(folder / "img0.thumbnail.png"), np.zeros((8, 8, 3), np.uint8))
+        result = run_cli("select", encoder, store_path, "--budget", "1", "--annotated", folder, "--out",
+                         tmp_path / f"out-{case}", "--workers", "0", "-q")
+        assert_error(result, str(folder), "names a slide of these stores")
+        assert not (tmp_path / f"out-{case}").exists()
+
+
+def test_segment_seed_fixes_the_initial_decoder(glands, tmp_path):
+    from simclr_path.segment.config import SegmentConfig
+    from simclr_path.segment.train import build_segment_run
+
+    _, _, masks, store = glands
+    encoder = str(export_random_encoder(tmp_path / "enc.pt"))
+
+    def initial(seed):
+        cfg = SegmentConfig(encoder=encoder, workers=0, image_size=32, seed=seed)
+        return build_segment_run([str(store)], str(masks), str(tmp_path / f"run{seed}"), cfg).model.state_dict()
+
+    first, again, other = initial(0), initial(0), initial(1)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    decoder = [k for k in first if k.startswith("decoder") and first[k].dtype.is_floating_point]
+    assert any(not np.array_equal(first[k], other[k]) for k in decoder)

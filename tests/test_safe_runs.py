@@ -269,3 +269,56 @@ def test_first_line_of_an_empty_message_is_the_exception_type():
     assert first_line(EOFError()) == "EOFError"
     assert first_line(RuntimeError("\n  \nsecond line\nthird")) == "second line"
     assert first_line(ValueError("x" * 500), 10) == "x" * 10
+
+
+def _two_class_folder(root, classes=("a", "b"), count=6):
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            cv2.imwrite(str(root / c / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("case", ["eval-batch-0", "eval-workers", "eval-seed", "eval-empty-image",
+                                  "eval-one-class-store", "export-into-folder", "export-unwritable",
+                                  "predict-batch-0", "predict-an-encoder", "pretrained-text"])
+def test_more_bad_input_is_one_line_and_writes_nothing(glands, tiny_run, tmp_path, case):
+    root, store, _, encoder = glands
+    labeled = _two_class_folder(tmp_path / "labeled")
+    if case.startswith("eval-"):
+        args = ["eval", encoder, "--labeled", labeled, "--device", "cpu", "--workers", 0]
+        needles = {"eval-batch-0": ("--batch must be >= 1",), "eval-workers": ("--workers must be >= 0",),
+                   "eval-seed": ("--seed must be >= 0",), "eval-empty-image": ("0.png", "empty"),
+                   "eval-one-class-store": ("one.h5", "at least two classes")}[case]
+        if case == "eval-batch-0":
+            args += ["--batch", 0]
+        elif case == "eval-workers":
+            args[-1] = -1
+        elif case == "eval-seed":
+            args += ["--seed", -1]
+        elif case == "eval-empty-image":
+            (labeled / "a" / "0.png").write_bytes(b"")  # cv2.imdecode raised on it
+        else:
+            one = _two_class_folder(tmp_path / "one", classes=("a",))
+            one_json(run_cli("ingest", one, "--out", tmp_path / "one.h5", "--mpp", 0.5))
+            args[3] = tmp_path / "one.h5"
+        assert_error(run_cli(*args), *needles)
+    elif case == "export-into-folder":
+        assert_error(run_cli("export", tiny_run[1], str(tmp_path / "newdir") + os.sep), "is a folder", "encoder.pt")
+        assert not (tmp_path / "newdir").exists() and not list(tmp_path.glob("newdir*"))
+    elif case == "export-unwritable":
+        assert_error(run_cli("export", tiny_run[1], "/proc/encoder.pt"), "/proc/encoder.pt", "cannot write")
+    elif case == "predict-batch-0":
+        assert_error(run_cli("predict", root / "seg", store, "--out", tmp_path / "pred", "--batch", 0, "-q"),
+                     "--batch must be >= 1")
+        assert not (tmp_path / "pred").exists()
+    elif case == "predict-an-encoder":
+        assert_error(run_cli("predict", encoder, store, "--out", tmp_path / "pred", "-q"),
+                     "an exported encoder", "'simclr-path segment' run")
+        assert not (tmp_path / "pred").exists()
+    else:
+        (tmp_path / "weights.pth").write_text("not weights\n")
+        result = run_cli("pretrain", tiny_run[0] / "s.h5", "--out", tmp_path / "run", *TINY_PRETRAIN, "--pretrained",
+                         tmp_path / "weights.pth", "--max-steps", 1)
+        assert_error(result, "weights.pth", "a text file")

@@ -317,7 +317,7 @@ def test_qupath_geojson_labels_paint_small_inside_large_and_leave_the_rest_unlab
         assert (index in labelled) == (x < 128 and y < 128)
     with pytest.raises(SimclrPathError, match="--classes"):
         load_labels(str(labels), store, None)
-    with pytest.raises(SimclrPathError, match="'gland' is not one of --classes"):
+    with pytest.raises(SimclrPathError, match="'gland' is not one of the classes"):
         load_labels(str(labels), store, ["background", "tumour"])
 
 

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 
 import cv2
 import h5py
@@ -272,8 +271,14 @@ def test_next_round_never_proposes_what_was_annotated(encoder, store, tmp_path):
     one_json(_select(encoder, store, tmp_path / "round1", "--budget", 6, "--region-size", 2))
     annotated = tmp_path / "qupath"
     annotated.mkdir()
-    for path in (tmp_path / "round1").glob("*.geojson"):  # the pathologist annotated every proposal
-        shutil.copy(path, annotated / path.name)
+    for path in (tmp_path / "round1").glob("*.geojson"):  # the pathologist drew in every proposal
+        features = json.loads(path.read_text())["features"]
+        for square in list(features):
+            (x0, y0), (x1, y1) = square["geometry"]["coordinates"][0][0], square["geometry"]["coordinates"][0][2]
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            features.append(annotation_feature([[cx - 5, cy - 5], [cx + 5, cy - 5], [cx + 5, cy + 5]],
+                                               classification="Tumor", color=(255, 0, 0)))
+        write_geojson(annotated / path.name, features)
     first = {(r["slide"], r["x"], r["y"]) for r in _csv_rows(tmp_path / "round1" / "regions.csv")}
     summary = one_json(_select(encoder, store, tmp_path / "round2", "--budget", 26, "--region-size", 2,
                                "--annotated", annotated))

@@ -257,6 +257,35 @@ def polygons_area(annotation: Annotation) -> float:
     return float(sum(_polygon_area(polygon) for polygon in annotation.polygons))
 
 
+def bounds(polygon: tuple[np.ndarray, ...]) -> np.ndarray:
+    """(4,) level-0 x0, y0, x1, y1 of a polygon's exterior ring."""
+    ring = polygon[0]
+    return np.concatenate([ring.min(axis=0), ring.max(axis=0)])
+
+
+def square_of_each(drawn: np.ndarray, squares: np.ndarray) -> np.ndarray:
+    """(P,) int: the proposed square each drawn polygon belongs to, -1 for none.
+
+    A polygon (``drawn``: (P, 4) bounding boxes) belongs to the square (``squares``: (S, 4) boxes,
+    x0, y0, x1, y1) that holds its bounding box's centre; where proposed squares overlap (``tile
+    --overlap``), to the one whose centre is nearest. So a drawing belongs to one square at most, and
+    a polygon merely reaching into a square from outside belongs to none.
+    """
+    out = np.full(len(drawn), -1, dtype=np.int64)
+    if not len(drawn) or not len(squares):
+        return out
+    centres = (drawn[:, :2] + drawn[:, 2:]) / 2  # (P, 2)
+    square_centres = (squares[:, :2] + squares[:, 2:]) / 2  # (S, 2)
+    inside = ((squares[None, :, 0] <= centres[:, None, 0]) & (centres[:, None, 0] < squares[None, :, 2])
+              & (squares[None, :, 1] <= centres[:, None, 1]) & (centres[:, None, 1] < squares[None, :, 3]))
+    distance = ((centres[:, None, :] - square_centres[None, :, :]) ** 2).sum(axis=2)
+    distance = np.where(inside, distance, np.inf)
+    nearest = distance.argmin(axis=1)
+    found = np.isfinite(distance[np.arange(len(drawn)), nearest])
+    out[found] = nearest[found]
+    return out
+
+
 def rasterize(annotations, class_index: dict[str, int], origin: tuple[float, float], size: tuple[int, int],
               downsample: float = 1.0, fill: int = 255, path: str = "") -> np.ndarray:
     """A uint8 label mask of a window of the slide.

@@ -102,6 +102,9 @@ def _load_store(source: str, pattern: re.Pattern | None = None) -> Labeled:
     if names is None:
         raise SimclrPathError(f"{source}: the store has no labels; ingest a class-folder tree with 'simclr-path ingest'")
     labels = np.array([store.label(i) for i in range(len(store))])
+    if len(names) < 2 or len(np.unique(labels)) < 2:
+        raise SimclrPathError(f"{source}: the store's patches hold {len(np.unique(labels))} class(es); evaluation "
+                              "needs labelled patches of at least two classes (ingest one subfolder per class)")
     groups = None if pattern is None else _groups_from_names(pattern, _store_file_names(store, source))
     return Labeled(PatchSubset(store, range(len(store))), labels, [str(n) for n in names], groups=groups)
 

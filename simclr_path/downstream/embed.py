@@ -24,9 +24,9 @@ the encoder and stores of the last complete run. ``features.h5`` is rebuilt at t
 slide from the per-slide files (temporary name, then rename); it is left as it is when it
 already holds exactly these slides for this encoder.
 
-Two stores with a slide of the same name (two ingested folders with the same classes): the
-later one's files are named ``<slide>-<store file stem>``; ``slide_names`` in ``features.h5``
-lists the per-slide file names.
+Files are named by slide key (:class:`~simclr_path.store.PatchStore`): two stores with a slide of
+the same name (two ingested folders with the same classes) give ``<slide>-<store file stem>`` for
+each; ``slide_names`` in ``features.h5`` lists the per-slide file names.
 """
 
 from __future__ import annotations

@@ -116,6 +116,9 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
     if training["steps"] < training["total_steps"]:
         log(f"note: {source}: the run is unfinished, step {training['steps']} of {training['total_steps']}; "
             "this encoder is from that step - resume its pretrain command (without --max-steps) to finish it")
+    if str(out).endswith(os.sep) or os.path.isdir(out):
+        raise SimclrPathError(f"{out}: is a folder; give the encoder file to write, e.g. "
+                              f"{os.path.join(out, 'encoder.pt')}")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise SimclrPathError(f"{out}: folder {parent} does not exist; create it first")
@@ -128,10 +131,11 @@ def export_encoder(source: str, out: str, fmt: str | None = None) -> dict:
 
             save_file(weights, tmp, metadata={"simclr_path": json.dumps(metadata)})
         os.replace(tmp, out)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable file as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SimclrPathError(f"{out}: cannot write the encoder ({exc.strerror or exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
+        raise SimclrPathError(f"{out}: cannot write the encoder ({reason}); choose a folder you can write") from None
     return metadata
 
 

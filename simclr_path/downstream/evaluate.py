@@ -141,6 +141,12 @@ def evaluate_encoder(encoder_path: str, labeled: str, test: str | None = None, t
         raise SimclrPathError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if max_per_class is not None and max_per_class < 1:
         raise SimclrPathError(f"--max-per-class must be 1 or more, got {max_per_class}; leave it out to use every patch")
+    if batch_size < 1:
+        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    if seed < 0:
+        raise SimclrPathError(f"--seed must be >= 0, got {seed}")
     dev = resolve_device(device)
     model, meta = load_encoder(encoder_path)
     train_data, test_data, how = split_labeled(labeled, test, test_fraction, seed, group_regex)

@@ -37,17 +37,18 @@ def save_checkpoint(state: dict, path: str) -> None:
         ) from None
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def load_checkpoint(path: str, map_location="cpu", encoder_fix: str | None = None) -> dict:
     """The training checkpoint at ``path``, read with ``weights_only=True``; a one-line error names
-    what is wrong with a file that is not one (empty, text, damaged, an exported encoder)."""
+    what is wrong with a file that is not one (empty, text, damaged, an exported encoder: then
+    ``encoder_fix`` says what to pass instead, by default the run it was exported from)."""
     if not os.path.exists(path):
         raise SimclrPathError(f"{path}: no such checkpoint")
     state = load_torch_file(path, "checkpoint",
                             "pass the --out folder of 'simclr-path pretrain' (or 'segment'), or its checkpoint.pt",
                             map_location)
     if isinstance(state, dict) and "state_dict" in state and "simclr_path" in state:
-        raise SimclrPathError(f"{path}: an exported encoder, not a training checkpoint; pass the run folder it was "
-                              "exported from")
+        raise SimclrPathError(f"{path}: an exported encoder, not a training checkpoint; "
+                              + (encoder_fix or "pass the run folder it was exported from"))
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise SimclrPathError(f"{path}: not a simclr-path checkpoint (no model/config inside)")
     return state

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import zipfile
 
 from torch import nn
 
 from simclr_path.errors import SimclrPathError, first_line
+from simclr_path.runtime.files import unreadable_reason
 
 
 def check_backbone_name(name: str) -> None:
@@ -36,8 +38,10 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Mo
             return timm.create_model(name, pretrained=True, num_classes=0,
                                      pretrained_cfg_overlay={"file": os.path.abspath(pretrained)}, **kwargs)
         except Exception as exc:
+            reason = first_line(exc, 200)
+            if not zipfile.is_zipfile(pretrained) and not pretrained.endswith(".safetensors"):
+                reason = unreadable_reason(pretrained, exc)  # empty, text, not a weights file: say so
             raise SimclrPathError(
-                f"{pretrained}: cannot load into {name} ({first_line(exc, 200)}); "
-                "check the file matches the backbone"
+                f"{pretrained}: cannot load into {name} ({reason}); check the file matches the backbone"
             ) from None
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -26,7 +26,8 @@ def read_segment_checkpoint(run: str) -> dict:
         path = run
     else:
         raise SimclrPathError(f"{run}: no such segment run folder or checkpoint")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, encoder_fix="pass the --out folder of a 'simclr-path segment' run (an encoder is "
+                                            "what 'segment' trains from: simclr-path segment ENCODER STORES ...)")
     if ckpt.get("kind") != SEGMENT_KIND or "meta" not in ckpt:
         raise SimclrPathError(
             f"{path}: not a 'simclr-path segment' run (a pretraining checkpoint?); pass the --out folder of 'segment'"

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simclr_path.annotations.geojson import ANNOTATE_NEXT, Annotation, rasterize, read_geojson
+from simclr_path.annotations.geojson import ANNOTATE_NEXT, bounds, rasterize, read_geojson, square_of_each
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import log as stderr_log
 from simclr_path.segment.masks import (
@@ -221,7 +221,8 @@ def load_labels(labels_dir: str, store: PatchStore, classes: list[str] | None = 
     for key, path, _ in matched:
         if key in seen:
             raise SimclrPathError(f"{path}: slide {key!r} also has {os.path.basename(seen[key])}; keep one label "
-                                  "file per slide")
+                                  "file per slide (predict writes both: keep the .png mask, or the .geojson you "
+                                  "corrected in QuPath)")
         seen[key] = path
     decoded = {path: decode_mask(path) for key, path, kind in matched if kind == "mask"}
     resolved, note = resolve_mask_format(mask_format, decoded)
@@ -264,27 +265,25 @@ def _mask_labels(path: str, key: str, mask: np.ndarray, store: PatchStore, downs
     return SlideLabels(name=key, source=path, mask=mask, downsample=float(downsample))
 
 
-def _bounds(annotation: Annotation) -> np.ndarray:
-    points = np.concatenate([poly[0] for poly in annotation.polygons])
-    return np.array([points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max()])
-
-
 def _geojson_labels(path: str, key: str) -> tuple[SlideLabels | None, int, int]:
     """``(labels or None, unannotated proposals, proposals)`` of a QuPath export.
 
-    A proposed square counts (as annotated whole) only when a classified polygon lies in it: one
-    whose bounding box overlaps the square's interior. The others are dropped: nothing was drawn.
+    A proposed square counts (as annotated whole) only when a polygon was drawn in it
+    (:func:`~simclr_path.annotations.geojson.square_of_each`: the square holding the drawing's
+    centre, the nearest one where squares overlap). The others are dropped: nothing was drawn.
     """
     annotations = read_geojson(path)
     if not annotations:
         raise SimclrPathError(f"{path}: no polygon annotations; draw and classify regions in QuPath, then export")
-    boxes = np.array([_bounds(a) for a in annotations], dtype=np.float64)
+    boxes = np.array([np.concatenate([np.min([bounds(p)[:2] for p in a.polygons], axis=0),
+                                      np.max([bounds(p)[2:] for p in a.polygons], axis=0)])
+                      for a in annotations], dtype=np.float64)
     is_proposal = np.array([a.classification == ANNOTATE_NEXT for a in annotations])
-    drawn = boxes[~is_proposal]
+    drawn_polygons = np.array([bounds(p) for a in annotations if a.classification != ANNOTATE_NEXT
+                               for p in a.polygons], dtype=np.float64).reshape(-1, 4)
+    owner = square_of_each(drawn_polygons, boxes[is_proposal])
     keep = ~is_proposal
-    for i in np.flatnonzero(is_proposal):
-        x0, y0, x1, y1 = boxes[i]
-        keep[i] = bool(((drawn[:, 0] < x1) & (drawn[:, 2] > x0) & (drawn[:, 1] < y1) & (drawn[:, 3] > y0)).any())
+    keep[np.flatnonzero(is_proposal)[np.unique(owner[owner >= 0])]] = True
     proposals = int(is_proposal.sum())
     unannotated = int((is_proposal & ~keep).sum())
     if not keep.any():
@@ -318,8 +317,10 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
             np.flatnonzero(counts[len(classes):IGNORE]) + len(classes)
         if classes is not None and len(bad):
             raise SimclrPathError(
-                f"{s.source}: mask holds class value(s) {','.join(str(v) for v in bad[:5])} but --classes names "
-                f"{len(classes)} class(es) (0..{len(classes) - 1}; 255 = unlabelled); fix the mask or add the classes"
+                f"{s.source}: mask holds class value(s) {','.join(str(v) for v in bad[:5])} but "
+                f"{'--classes names' if every_class_labelled else 'the run has'} {len(classes)} class(es) "
+                f"(0..{len(classes) - 1}; 255 = unlabelled); fix the mask"
+                + (" or add the classes" if every_class_labelled else "")
             )
         pixels += counts
     pixels = pixels[:IGNORE]
@@ -337,9 +338,11 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
                 annotated[0] = annotated.get(0, 0) + 1
                 continue
             if a.classification not in index:
+                fix = ("add it to --classes or reclassify it in QuPath" if every_class_labelled else
+                       "reclassify it in QuPath as one of the run's classes")
                 raise SimclrPathError(
-                    f"{s.source}: annotation class {a.classification!r} is not one of --classes "
-                    f"{','.join(classes)}; add it to --classes or reclassify it in QuPath"
+                    f"{s.source}: annotation class {a.classification!r} is not one of the classes "
+                    f"{','.join(classes)}; {fix}"
                 )
             annotated[index[a.classification]] = annotated.get(index[a.classification], 0) + 1
     if not pixels.any() and not annotated:
@@ -349,8 +352,8 @@ def _resolve_classes(classes: list[str] | None, slides: dict[str, SlideLabels], 
         largest = int(values.max())
         missing = sorted(set(range(largest + 1)) - set(values.tolist()))
         if largest < 1:
-            hint = (" (read as binary masks: every pixel is 0)" if mask_format == "binary" else
-                    "; if your masks mark the foreground with 255, pass --mask-format binary")
+            hint = ("; if your masks mark the foreground with 255, pass --mask-format binary"
+                    if _index_masks_with_unlabelled(masks, mask_format) else "")
             raise SimclrPathError(
                 f"{labels_dir}: the masks label only class 0 (background, {int(pixels[0])} px){hint}; label the "
                 "other classes too, or name the classes with --classes")

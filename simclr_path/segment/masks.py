@@ -8,22 +8,25 @@ per pixel, 255 where there is no class (unlabelled, not scored).
 Masks as datasets ship them are decoded with Pillow, which keeps what the file says:
 
 * 8-bit greyscale (``L``), or colour images whose channels are all equal: the values as stored;
-* 1-bit PNGs (``1``, e.g. ``Image.fromarray(bool_array).save()``): 0 and 1 (OpenCV would give 0 and
-  255, which reads as "background + unlabelled");
-* palette PNGs (``P``, e.g. Pascal VOC style): the palette *indices*, not the colours;
+* 1-bit PNGs (``1``, e.g. ``Image.fromarray(bool_array).save()``): 0 and 1, a binary mask by
+  itself (OpenCV would give 0 and 255, which reads as "background + unlabelled");
+* palette PNGs (``P``, e.g. Pascal VOC style): the palette *indices*, class indices by themselves;
 * greyscale with alpha (``LA``, as MoNuSeg ships): the grey value; fully transparent pixels are
   unlabelled when the alpha channel is not constant;
-* 16-bit greyscale whose values fit 8 bits: the values. Colour-coded masks and instance masks (values
-  above 255) are refused with a one-line error.
+* 16-bit greyscale whose values fit 8 bits: the values (0/65535 binary masks as 0/255). Colour-coded
+  masks and instance masks (values above 255) are refused with a one-line error.
 
-The **mask format** says what the decoded values mean, for a whole folder at once:
+The **mask format** says what the decoded values mean:
 
 * ``index``: class index per pixel, 255 = unlabelled;
 * ``binary``: 0 = background (class 0), any other value = the first foreground class (class 1);
   transparent pixels are still unlabelled;
-* ``auto`` (the default): ``binary`` when the folder's masks hold 0 and 255 and nothing else (GlaS 0/255
-  masks: as ``index`` they would mean "background + unlabelled" and could never train or score a
-  foreground class), else ``index``. The choice is said on stderr.
+* ``auto`` (the default): a mask that says what it is (1-bit, palette, or ``predict``'s own masks,
+  which state ``index`` in their PNG text) is read so; the others are ``binary`` when they hold 0
+  and 255 and nothing else (GlaS 0/255 masks: as ``index`` they would mean "background +
+  unlabelled" and could never train or score a foreground class), else ``index``. A folder mixing
+  0/255-only masks with masks of other class values is refused: say which with the flag. The
+  choice is said on stderr.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, first_line
 
 #: The mask value of a pixel with no class: unlabelled (labels), not scored (truth), not covered (predictions).
 IGNORE = 255
@@ -47,6 +50,9 @@ THUMBNAIL_SUFFIX = ".thumbnail.png"
 #: PNG text key under which a mask says its own format (``predict`` writes ``index``): a predicted
 #: mask with no foreground holds only 0 and 255, which ``auto`` would otherwise read as binary.
 FORMAT_KEY = "simclr-path mask format"
+
+#: What an image mode says by itself: a 1-bit mask is binary (0/1), a palette mask holds class indices.
+_MODE_FORMATS = {"1": "binary", "P": "index"}
 
 _FORMAT_HINT = "save masks as one-channel PNGs (class index per pixel, 255 = unlabelled) or 0/255 binary masks"
 
@@ -97,7 +103,7 @@ def decode_mask(path: str) -> DecodedMask:
             array = np.asarray(image)
             declared = image.info.get(FORMAT_KEY)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 120)
         raise SimclrPathError(f"{path}: not a readable PNG mask ({reason}); {_FORMAT_HINT}") from None
     transparent = None
     if mode == "1":
@@ -108,6 +114,8 @@ def decode_mask(path: str) -> DecodedMask:
         values, alpha = array[..., 0], array[..., 1]
         transparent = alpha == 0 if alpha.min() != alpha.max() else None
     elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        if array.size and set(np.unique(array).tolist()) <= {0, 65535}:  # a 16-bit binary mask
+            array = np.where(array > 0, 255, 0)
         if array.size and (array.min() < 0 or array.max() > 255):
             raise SimclrPathError(
                 f"{path}: a {mode} mask with values up to {int(array.max())} (an instance mask?); class masks hold "
@@ -126,7 +134,7 @@ def decode_mask(path: str) -> DecodedMask:
         raise SimclrPathError(f"{path}: a {mode} image is not a class mask; {_FORMAT_HINT}")
     if values.ndim != 2 or values.size == 0:
         raise SimclrPathError(f"{path}: a mask must be a 2-D image, got shape {values.shape}; {_FORMAT_HINT}")
-    declared = declared if declared in ("index", "binary") else None
+    declared = declared if declared in ("index", "binary") else _MODE_FORMATS.get(mode)
     return DecodedMask(values=np.ascontiguousarray(values), transparent=transparent, mode=mode, declared=declared)
 
 
@@ -142,11 +150,20 @@ def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tu
     if not undeclared:
         declared = {m.declared for m in decoded.values()}
         return (declared.pop() if len(declared) == 1 else "index"), None
-    seen = set().union(*(m.value_set() for m in undeclared))
-    if seen == {0, IGNORE}:
-        return "binary", (f"masks hold only the values 0 and 255 ({len(decoded)} file(s)): read as binary masks, "
-                          "0 = background, 255 = the foreground class (class 1); pass --mask-format index if 255 "
-                          "marks unlabelled pixels")
+    binary_like = [path for path, m in decoded.items() if m.declared is None and m.value_set() == {0, IGNORE}]
+    index_like = [path for path, m in decoded.items() if m.declared is None and m.value_set() - {0, IGNORE}]
+    if binary_like and index_like:
+        first, other = os.path.basename(binary_like[0]), os.path.basename(index_like[0])
+        values = sorted(decoded[index_like[0]].value_set() - {0, IGNORE})
+        raise SimclrPathError(
+            f"{os.path.dirname(binary_like[0]) or '.'}: the masks mix conventions: {first} holds only 0 and 255 "
+            f"(a binary 0/255 mask?) while {other} holds class value(s) {','.join(map(str, values[:5]))}; pass "
+            "--mask-format binary (0 = background, any other value = class 1) or --mask-format index (255 = "
+            "unlabelled), or make the masks agree")
+    if binary_like:
+        return "binary", (f"masks hold only the values 0 and 255 ({len(binary_like)} file(s)): read as binary "
+                          "masks, 0 = background, 255 = the foreground class (class 1); pass --mask-format index if "
+                          "255 marks unlabelled pixels")
     return "index", None
 
 

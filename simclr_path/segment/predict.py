@@ -24,7 +24,7 @@ held once per slide (use ``--downsample`` for a smaller one). Both files are wri
 (temporary file, then rename), so a folder never holds a half-written slide.
 
 Files are named by slide key (:class:`~simclr_path.store.PatchStore`): two stores with a slide of
-the same name give ``<slide>`` and ``<slide>-<later store's file stem>``, the names ``segment
+the same name give ``<slide>-<store file stem>`` for each, the names ``segment
 --labels`` and ``select --annotated`` read back with the same stores.
 """
 
@@ -85,6 +85,10 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
                               f"got {downsample}")
     if not stores:
         raise SimclrPathError("no patch store given")
+    if batch_size < 1:
+        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
     resolved = resolve_device(device)
     store = PatchStore(stores)
     plan = []

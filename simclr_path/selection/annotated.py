@@ -12,12 +12,16 @@ Each region owns a *core*: the K x K grid cells it was built from, ``K * step0``
 side from its origin. Cores never overlap, even when the patches do (``tile --overlap``), while the
 region's box (the extent of its patches) reaches into its neighbours' cores there. So:
 
-- a proposed square ("Annotate next", as ``select`` wrote it) marks exactly the region whose core
-  holds the square's centre: the region it was proposed for;
-- a polygon drawn inside a proposed square belongs to that square's region;
+- a proposed square ("Annotate next", as ``select`` wrote it) with a drawing in it marks exactly the
+  region whose core holds the square's centre: the region it was proposed for. A drawing belongs to
+  the square holding its centre (the nearest one where squares overlap), as ``segment`` reads it;
+- a square left untouched marks nothing (``segment`` does not label it either, so it may be
+  proposed again); how many came back so is said on stderr;
 - any other polygon, and any labelled mask pixel, marks the regions whose core holds a labelled
   pixel's centre (polygons rasterised at a quarter of the grid step, all classes alike; a polygon
   too small to cover a pixel centre marks the pixel under the middle of its bounding box).
+
+A folder in which no file names a slide of the stores, or a GeoJSON without a polygon, is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import os
 import cv2
 import numpy as np
 
-from simclr_path.annotations.geojson import ANNOTATE_NEXT, Annotation, rasterize, read_annotations
+from simclr_path.annotations.geojson import (
+    ANNOTATE_NEXT, Annotation, bounds, rasterize, read_annotations, square_of_each,
+)
 from simclr_path.errors import SimclrPathError
 from simclr_path.segment.masks import IGNORE, class_mask, decode_mask, is_mask_file, mask_downsample, \
     resolve_mask_format
@@ -69,24 +75,37 @@ def annotated_regions(folder: str, regions: Regions, log=None, mask_format: str 
         else:
             unknown.append(entry.name)
     if unknown:
-        known = ", ".join(sorted(by_name)[:3]) + (", ..." if len(by_name) > 3 else "")
         log(f"warning: {folder}: skipped {len(unknown)} file(s) naming no slide of these stores "
-            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; slides: {known})")
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; slides: {_known_slides(by_name)})")
+    if not files:
+        raise SimclrPathError(
+            f"{folder}: no <slide>.geojson or <slide>.png in it names a slide of these stores "
+            f"({_known_slides(by_name)}); give --annotated the folder of QuPath exports (or label masks) named after "
+            "the slides")
     decoded = {path: decode_mask(path) for _, path, kind in files if kind == "mask"}
     resolved, note = resolve_mask_format(mask_format, decoded)
     if note:
         log(f"{folder}: {note}")
     annotated = np.zeros(len(regions), dtype=bool)
+    untouched = 0
     for number, path, kind in files:
         slide = regions.slides[number]
         indices = regions.of_slide(number)
         if kind == "geojson":
-            labelled, downsample, proposed = _geojson_raster(path, slide, regions, number, log)
+            labelled, downsample, proposed, empty = _geojson_raster(path, slide, regions, number, log)
             annotated[proposed] = True
+            untouched += empty
         else:
             labelled, downsample = _mask_raster(path, slide, class_mask(decoded[path], resolved, mask_format != "auto"))
         annotated[indices] |= _touched(labelled, downsample, regions, indices)
+    if untouched:
+        log(f"{folder}: {untouched} proposed 'Annotate next' square(s) came back with nothing drawn in them: not "
+            "annotated, so they can be proposed again")
     return annotated
+
+
+def _known_slides(by_name: dict) -> str:
+    return ", ".join(sorted(by_name)[:3]) + (", ..." if len(by_name) > 3 else "")
 
 
 def _core(regions: Regions, indices: np.ndarray) -> np.ndarray:
@@ -113,38 +132,35 @@ def _extent(slide: SlideGrid, regions: Regions, number: int) -> tuple[int, int]:
 
 
 def _geojson_raster(path: str, slide: SlideGrid, regions: Regions, number: int,
-                    log) -> tuple[np.ndarray, float, list[int]]:
-    """``(raster of drawn polygons, its downsample, regions of the proposed squares)`` of one export."""
+                    log) -> tuple[np.ndarray, float, list[int], int]:
+    """``(raster of drawn polygons outside proposed squares, its downsample, regions of the proposed
+    squares with a drawing in them, proposed squares left untouched)`` of one export."""
     annotations, skipped = read_annotations(path)
     if skipped:
         log(f"{path}: skipped " + ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
             + " object(s); only polygons mark regions as annotated")
+    if not annotations:
+        raise SimclrPathError(f"{path}: no polygon annotations; export the annotated squares from QuPath, or move "
+                              "the file out of the --annotated folder")
     width, height = _extent(slide, regions, number)
     downsample = max(1.0, slide.step0 / PIXELS_PER_STEP, max(width, height) / MAX_RASTER_SIDE)
     size = (math.ceil(width / downsample), math.ceil(height / downsample))
     labelled = np.zeros((size[1], size[0]), dtype=np.uint8)
+    squares = np.array([bounds(p) for a in annotations if a.classification == ANNOTATE_NEXT for p in a.polygons],
+                       dtype=np.float64).reshape(-1, 4)
+    drawn = [(a, p) for a in annotations if a.classification != ANNOTATE_NEXT for p in a.polygons]
+    owner = square_of_each(np.array([bounds(p) for _, p in drawn], dtype=np.float64).reshape(-1, 4), squares)
     indices = regions.of_slide(number)
-    squares, proposed = [], []
-    for annotation in annotations:
-        if annotation.classification != ANNOTATE_NEXT:
-            continue
-        for polygon in annotation.polygons:
-            x0, y0 = polygon[0].min(axis=0)
-            x1, y1 = polygon[0].max(axis=0)
-            squares.append((x0, y0, x1, y1))
-            region = _region_at(regions, indices, (x0 + x1) / 2, (y0 + y1) / 2)
-            if region is not None:
-                proposed.append(region)
-    for annotation in annotations:
-        if annotation.classification == ANNOTATE_NEXT:
-            continue
-        for polygon in annotation.polygons:
-            x0, y0 = polygon[0].min(axis=0)
-            x1, y1 = polygon[0].max(axis=0)
-            if any(sx0 <= x0 and sy0 <= y0 and x1 <= sx1 and y1 <= sy1 for sx0, sy0, sx1, sy1 in squares):
-                continue  # drawn inside a proposed square: that square's region, already marked
+    proposed = []
+    for square in np.unique(owner[owner >= 0]):
+        x0, y0, x1, y1 = squares[square]
+        region = _region_at(regions, indices, (x0 + x1) / 2, (y0 + y1) / 2)
+        if region is not None:
+            proposed.append(region)
+    for (annotation, polygon), square in zip(drawn, owner):
+        if square < 0:  # drawn outside every proposed square: it marks the regions it covers
             _mark(labelled, Annotation(annotation.classification, (polygon,)), downsample, path)
-    return labelled, downsample, proposed
+    return labelled, downsample, proposed, len(squares) - len(np.unique(owner[owner >= 0]))
 
 
 def _mark(labelled: np.ndarray, polygon: Annotation, downsample: float, path: str) -> None:

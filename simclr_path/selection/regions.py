@@ -36,8 +36,8 @@ class SlideGrid:
 
     Attributes:
         name: the slide's name in its store.
-        file_name: the stem of the slide's output files: the name, or ``<name>-<store stem>`` for a
-            later store's slide of the same name (as ``embed`` names its files).
+        file_name: the stem of the slide's output files, its key in the stores: the name, or
+            ``<name>-<store stem>`` when several stores have a slide of that name.
         store: path of the store holding it.
         start, end: its patches' indices in the :class:`PatchStore`.
         width, height: level-0 size in pixels.

@@ -41,13 +41,13 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
                                   strategy: str = "kcenter", features_dir: str | None = None,
                                   model: str | None = None, annotated: str | None = None, pool: int | None = None,
                                   seed: int = 0, device: str = "auto", batch_size: int = 128, workers: int = 2,
-                                  reporter: Reporter | None = None) -> dict:
+                                  reporter: Reporter | None = None, mask_format: str = "auto") -> dict:
     """Propose ``budget`` regions of ``stores`` to annotate next and write them into ``out``.
 
     Args:
         encoder: exported encoder (``simclr-path export``), whose features ``kcenter``/``hybrid`` use.
         stores: patch stores made by ``simclr-path tile``.
-        out: output folder (``<slide>.geojson``, ``<slide>.png``, ``regions.csv``).
+        out: output folder (``<slide>.geojson``, ``<slide>.thumbnail.png``, ``regions.csv``).
         budget: number of regions to propose.
         region_size: region side K in patches (K x K patches; 1: single patches).
         strategy: ``random``, ``kcenter``, ``entropy`` or ``hybrid`` (see
@@ -57,6 +57,8 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
         model: a ``simclr-path segment`` run folder (``entropy``, ``hybrid``).
         annotated: folder of ``<slide>.geojson`` / ``<slide>.png`` already annotated; their regions
             are never proposed.
+        mask_format: what the ``annotated`` masks' values mean (``auto``, ``index``, ``binary``; see
+            :mod:`simclr_path.segment.masks`).
         pool: ``hybrid``: how many of the most uncertain regions to diversify among (default 4 x budget).
         seed: ``random``'s seed.
         device, batch_size, workers: for running the encoder or the segmentation model (which gets
@@ -72,7 +74,7 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
     store = PatchStore(stores)
     try:
         regions = build_regions(store, region_size)
-        is_annotated = (annotated_regions(annotated, regions, log=reporter.log) if annotated
+        is_annotated = (annotated_regions(annotated, regions, log=reporter.log, mask_format=mask_format) if annotated
                         else np.zeros(len(regions), dtype=bool))
         candidates = int((~is_annotated).sum())
         check_budget(budget, candidates, int(is_annotated.sum()))

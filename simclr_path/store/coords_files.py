@@ -12,7 +12,7 @@ import h5py
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store.format import SLIDES, check_is_store, open_h5
-from simclr_path.store.reader import output_name
+from simclr_path.store.reader import output_name, slide_keys
 
 
 def write_coords_files(store_paths: list[str], out_dir: str) -> list[str]:
@@ -33,9 +33,10 @@ def write_coords_files(store_paths: list[str], out_dir: str) -> list[str]:
                         f"{store_path}: slide {name} has no slide coordinates (an ingested image folder); coords "
                         "files are for stores made by 'simclr-path tile'")
                 slides.append((store_path, name, int(coords.shape[0])))
-    used: set[str] = set()
-    # slides with patches are named as PatchStore keys them (in the same order); empty ones after
-    stems = {(p, name): output_name(name, p, used) for p, name, n in slides if n}
+    # slides with patches are named as PatchStore keys them; empty ones after, never taking a key
+    with_patches = [(p, name) for p, name, n in slides if n]
+    stems = dict(zip(with_patches, slide_keys(with_patches)))
+    used = set(stems.values())
     stems.update({(p, name): output_name(name, p, used) for p, name, n in slides if not n})
     plan = [(p, name, stems[(p, name)]) for p, name, _ in slides]
     try:

@@ -43,10 +43,16 @@ def find_images(folder: str) -> dict[str, list[Path]]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    data = np.fromfile(str(path), dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    """uint8 (H, W, 3) RGB pixels of the image file at ``path``; an unreadable, missing or empty file
+    is a one-line :class:`SimclrPathError` naming it."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None  # imdecode raises on 0 bytes
+    except (OSError, cv2.error):
+        bgr = None
     if bgr is None:
-        raise SimclrPathError(f"{path}: not a readable image; remove or re-export it")
+        empty = " (the file is empty, 0 bytes)" if os.path.isfile(path) and os.path.getsize(path) == 0 else ""
+        raise SimclrPathError(f"{path}: not a readable image{empty}; remove or re-export it")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

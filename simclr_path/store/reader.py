@@ -25,8 +25,8 @@ class PatchStore:
     in each process, so a ``PatchStore`` can be handed to ``DataLoader`` workers.
 
     Slides are keyed by (store, slide): a slide's *key* is its name, or ``<name>-<store file stem>``
-    (then ``-2``, ``-3``...) when an earlier store already has a slide of that name (two shards of
-    two sites, a slide tiled twice). Every command names its per-slide files by the key (``embed``,
+    when another store also has a slide of that name (two shards of two sites, a slide tiled twice):
+    then every store's copy is qualified, so keys do not depend on the order of ``paths``. Every command names its per-slide files by the key (``embed``,
     ``select``, ``predict``, ``coords``) and reads per-slide files back by it (``segment --labels``,
     ``select --annotated``), so given the same stores in the same order they always agree.
 
@@ -44,8 +44,6 @@ class PatchStore:
         if not self.paths:
             raise SimclrPathError("no patch store given")
         self._slides: list[tuple[int, str]] = []  # (path index, slide name)
-        self._keys: list[str] = []  # each slide's key, unique over the stores (see the class docstring)
-        used: set[str] = set()
         self._offsets: list[int] = [0]  # cumulative patch counts
         self.codecs: list[str] = []
         self.labels: list[np.ndarray | None] = []
@@ -58,7 +56,6 @@ class PatchStore:
                 if n == 0:
                     continue
                 self._slides.append((path_index, name))
-                self._keys.append(output_name(name, path, used))
                 self._offsets.append(self._offsets[-1] + n)
         self.patch_size = int(self.attrs[0]["patch_size"])
         for path, attrs in zip(self.paths, self.attrs):
@@ -70,6 +67,8 @@ class PatchStore:
         self._files: dict[int, h5py.File] = {}
         self._pixels: dict[int, h5py.Dataset] = {}  # slide -> its patches dataset, opened once per process
         self._pid = os.getpid()
+        # each slide's key, unique over the stores and independent of their order (class docstring)
+        self._keys = slide_keys([(self.paths[p], name) for p, name in self._slides])
         self._key_index = {key: i for i, key in enumerate(self._keys)}
 
     def __len__(self) -> int:
@@ -195,18 +194,29 @@ class PatchSubset:
         return self.store[self.indices[i]]
 
 
-def output_name(name: str, store_path: str, used: set[str]) -> str:
+def output_name(name: str, store_path: str, used: set[str], qualify: bool = False) -> str:
     """File stem for the outputs of slide ``name`` of the store at ``store_path`` (``embed``,
     ``select``, ``predict``): the name, or ``<name>-<store file stem>`` (then ``-2``, ``-3``...)
-    when a slide of an earlier store took it. The stem is added to ``used``."""
+    when ``qualify`` is set or the name is taken. The stem is added to ``used``."""
     stem = name
-    if stem in used:
+    if qualify or stem in used:
         stem = base = f"{name}-{os.path.splitext(os.path.basename(store_path))[0]}"
         k = 2
         while stem in used:
             stem, k = f"{base}-{k}", k + 1
     used.add(stem)
     return stem
+
+
+def slide_keys(slides: Sequence[tuple[str, str]]) -> list[str]:
+    """The key of each ``(store path, slide name)`` (see :class:`PatchStore`): the name when no other
+    store has a slide of that name, else ``<name>-<store file stem>`` for *every* store that has one,
+    so a key never depends on the order the stores are given in."""
+    counts: dict[str, int] = {}
+    for _, name in slides:
+        counts[name] = counts.get(name, 0) + 1
+    used = {name for name, n in counts.items() if n == 1}
+    return [name if counts[name] == 1 else output_name(name, path, used, qualify=True) for path, name in slides]
 
 
 def _listed(f: h5py.File) -> list[str]:
