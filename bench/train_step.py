@@ -80,6 +80,8 @@ def main():
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                         help="skip the pretrain() run (loader + loop)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the end-to-end run")
+    parser.add_argument("--augment", choices=["auto", "device", "cpu"], default="auto",
+                        help="where the end-to-end run makes its views (pretrain --augment)")
     parser.add_argument("--store", default=None, help="store for the end-to-end run [default: CMU-1-Small-Region]")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="(SimCLR step, end-to-end run) pairs; the median ratio is reported")
@@ -152,7 +154,8 @@ def main():
     if args.end_to_end:
         # This machine's speed drifts by 10-20% over minutes (shared hosts), so each end-to-end run is
         # paired with a SimCLR-step timing taken just before it, and the ratio is the median over pairs.
-        print(f"\npretrain end to end ({args.workers} loader workers, real store) vs the SimCLR step timed just before it")
+        print(f"\npretrain end to end ({args.workers} loader workers, --augment {args.augment}, real store) vs the SimCLR "
+              "step timed just before it")
         print(f"{'pair':5} | {'step views/s':>12} | {'e2e views/s':>11} | {'ratio':>6}")
         print("-" * 45)
         ratios = []
@@ -164,7 +167,7 @@ def main():
                 rate = end_to_end(args)
                 ratios.append(rate / (n / t_step))
                 print(f"{pair + 1:5} | {n / t_step:12.1f} | {rate:11.1f} | {ratios[-1]:6.3f}")
-        print(f"\npretrain end to end / SimCLR step: median {statistics.median(ratios):.3f}x over {len(ratios)} pairs "
+        print(f"\npretrain end to end (--augment {args.augment}) / SimCLR step: median {statistics.median(ratios):.3f}x over {len(ratios)} pairs "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
@@ -182,6 +185,7 @@ def end_to_end(args) -> float:
         cfg.optim.global_batch, cfg.optim.epochs = args.batch, 10_000
         cfg.optim.max_steps = args.warmup + args.steps
         cfg.run.device, cfg.run.workers, cfg.run.bf16 = args.device, args.workers, args.amp
+        cfg.run.augment = args.augment
         cfg.run.log_every, cfg.run.checkpoint_every = 5, 10**9  # the loop's own sync cadence
         pretrain([args.store], f"{tmp}/run", cfg, progress=False)
         with open(f"{tmp}/run/metrics.jsonl") as fh:
