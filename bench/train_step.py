@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-gain", action="store_true",
+                        help="also time the SimCLR step torch.compile'd and print compiled / eager views/s")
     parser.add_argument("--chunk", default=None, help="gradient cache: views per chunk or 'auto' (CUDA)")
     parser.add_argument("--skip-bare", action="store_true", help="only the SimCLR step (e.g. batches too big for one pass)")
     parser.add_argument("--steps", type=int, default=10)
@@ -103,17 +105,16 @@ def main():
         chunk = choose_chunk(simclr, args.image_size, 2 * args.batch, device, args.amp)
     elif chunk is not None:
         chunk = int(chunk)
-    simclr_fwd = torch.compile(simclr) if args.compile else simclr
-    state = {"step": 0}
+    state = {"step": 0, "fwd": torch.compile(simclr) if args.compile else simclr}
 
     def simclr_step():
         x = normalize(views_u8, IMAGENET_MEAN, IMAGENET_STD).contiguous(memory_format=fmt)
         optimizer.zero_grad(set_to_none=True)
         if chunk:
-            cached_loss_and_backward(simclr_fwd, x, loss_fn, args.amp, chunk)
+            cached_loss_and_backward(state["fwd"], x, loss_fn, args.amp, chunk)
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                z = simclr_fwd(x)
+                z = state["fwd"](x)
             z0, z1 = z.float().chunk(2)
             loss_fn(z0, z1).backward()
         optimizer.step()
@@ -151,6 +152,12 @@ def main():
         print(f"\nSimCLR / bare throughput: {t_bare / t_simclr:.3f}x")
     if device.type == "cuda":
         print(f"SimCLR peak GPU memory {peak:.2f} GiB")
+    if args.compile_gain and not args.compile:
+        state["fwd"] = torch.compile(simclr)
+        (t_compiled,) = time_steps([simclr_step], args.steps, max(args.warmup, 3), device)
+        state["fwd"] = simclr
+        print(f"torch.compile on the SimCLR step: {n / t_compiled:.1f} views/s compiled vs {n / t_simclr:.1f} eager: "
+              f"{t_simclr / t_compiled:.3f}x")
     if args.end_to_end:
         # This machine's speed drifts by 10-20% over minutes (shared hosts), so each end-to-end run is
         # paired with a SimCLR-step timing taken just before it, and the ratio is the median over pairs.
