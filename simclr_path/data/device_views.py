@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import albumentations as A
 import kornia
@@ -109,9 +109,6 @@ class ViewParams:
     gray: torch.Tensor
     blur: torch.Tensor
     sigma: torch.Tensor
-
-    def to(self, device) -> "ViewParams":
-        return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def labels(self, patch_side: int) -> list[str]:
         """Per view, the transforms that fired, as the ``views`` contact sheet writes them."""
@@ -250,40 +247,48 @@ def he_stain(x: torch.Tensor, matrices: torch.Tensor, scale: torch.Tensor, shift
 
 def apply_views(patches: torch.Tensor, source: torch.Tensor, params: ViewParams, cfg: ViewConfig,
                 stain_matrices: torch.Tensor | None = None) -> torch.Tensor:
-    """Views in [0, 1], float (n, 3, S, S), of ``patches`` (B, 3, P, P) float in [0, 1] on the device.
+    """Views in [0, 1], float (n, 3, S, S), of ``patches`` (B, 3, P, P) float in [0, 1] on their device.
 
-    View ``i`` is made from patch ``source[i]`` with row ``i`` of ``params`` (already on the device).
+    View ``i`` is made from patch ``source[i]`` with row ``i`` of ``params``. ``params`` stay on the
+    CPU: which views each transform touches is decided there, and only the rows needed travel to the
+    device, so the device never waits for the host (no ``nonzero`` on device tensors, no syncs).
     """
-    size = cfg.image_size
-    boxes = torch.cat([source.to(params.crop)[:, None], params.crop], 1)
+    device, size = patches.device, cfg.image_size
+
+    def on_device(values: torch.Tensor) -> torch.Tensor:
+        return values.to(device, non_blocking=True)
+
+    def rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(CPU index, device index) of the views where ``mask`` (CPU) is set; None when there are none."""
+        index = mask.nonzero()[:, 0]
+        return (index, on_device(index)) if index.numel() else None
+
+    boxes = on_device(torch.cat([source.cpu().to(params.crop)[:, None], params.crop], 1))
     # aligned=True: box edges are pixel edges; adaptive sampling averages ceil(crop / size) samples per bin
     x = roi_align(patches, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    x = torch.where(_rows(params.hflip), x.flip(3), x)
-    x = torch.where(_rows(params.vflip), x.flip(2), x)
+    x = torch.where(_rows(on_device(params.hflip)), x.flip(3), x)
+    x = torch.where(_rows(on_device(params.vflip)), x.flip(2), x)
     for turns in (1, 2, 3):
-        index = (params.rot90 == turns).nonzero()[:, 0]
-        if index.numel():
-            x[index] = torch.rot90(x[index], turns, dims=(2, 3))
-    index = params.stain.nonzero()[:, 0]
-    if index.numel():
-        if stain_matrices is None:
-            stain_matrices = stain_matrix_table(x.device)
-        matrices = stain_matrices[params.stain_preset[index]]
-        x[index] = he_stain(x[index], matrices, params.stain_scale[index], params.stain_shift[index])
+        if (picked := rows(params.rot90 == turns)) is not None:
+            x[picked[1]] = torch.rot90(x[picked[1]], turns, dims=(2, 3))
+    if (picked := rows(params.stain)) is not None:
+        cpu, dev = picked
+        table = stain_matrices.to(device) if stain_matrices is not None else stain_matrix_table(device)
+        matrices = table[on_device(params.stain_preset[cpu])]
+        x[dev] = he_stain(x[dev], matrices, on_device(params.stain_scale[cpu]), on_device(params.stain_shift[cpu]))
     factors = (params.brightness, params.contrast, params.saturation, params.hue)
     for position in range(4):
         for op in range(4):
-            index = (params.jitter & (params.order[:, position] == op)).nonzero()[:, 0]
-            if index.numel():
-                x[index] = JITTER_OPS[op](x[index], factors[op][index])
-    index = params.gray.nonzero()[:, 0]
-    if index.numel():
-        x[index] = _gray(x[index]).expand(-1, 3, -1, -1)
-    index = params.blur.nonzero()[:, 0]
-    if index.numel():
+            if (picked := rows(params.jitter & (params.order[:, position] == op))) is not None:
+                cpu, dev = picked
+                x[dev] = JITTER_OPS[op](x[dev], on_device(factors[op][cpu]))
+    if (picked := rows(params.gray)) is not None:
+        x[picked[1]] = _gray(x[picked[1]]).expand(-1, 3, -1, -1)
+    if (picked := rows(params.blur)) is not None:
+        cpu, dev = picked
         k = blur_kernel_size(size)
-        sigma = params.sigma[index][:, None].expand(-1, 2)
-        x[index] = kornia.filters.gaussian_blur2d(x[index], (k, k), sigma, border_type="reflect")
+        sigma = on_device(params.sigma[cpu][:, None].expand(-1, 2).contiguous())
+        x[dev] = kornia.filters.gaussian_blur2d(x[dev], (k, k), sigma, border_type="reflect")
     return x
 
 
@@ -332,8 +337,8 @@ class DeviceViews(nn.Module):
         batch, side = x.shape[0], x.shape[-1]
         generator = torch.Generator().manual_seed(batch_seed(self.seed, step, self.rank))
         params = draw_params(self.cfg, 2 * batch, side, generator)
-        source = torch.arange(2 * batch, device=x.device) % batch
-        views = apply_views(x, source, params.to(x.device), self.cfg, self.stain_matrices.to(x.device))
+        source = torch.arange(2 * batch) % batch
+        views = apply_views(x, source, params, self.cfg, self.stain_matrices)
         return views, params
 
     def forward(self, patches: torch.Tensor, step: int) -> torch.Tensor:
