@@ -19,6 +19,11 @@ with the same meaning, the transforms in the same order:
    applied in a random order per view), grayscale (ITU-R 601 weights), Gaussian blur (kernel
    ``2 * round(0.05 * size) + 1``, sigma in ``blur_sigma``, reflected borders).
 
+kornia is used for its functional ops (hue rotation, per-view Gaussian blur), not for its
+``kornia.augmentation`` classes: those draw their own parameters (not from our per-step generator,
+nor in albumentations' way), and ``RandomResizedCrop`` measured 2.5x slower than one ``roi_align``
+on the CPU (128 views, 256 -> 224 px). The H&E stain has no library version; it is written here.
+
 Every random decision is drawn per view, each transform from its own draws, from one
 ``torch.Generator`` seeded by :func:`batch_seed` ``(seed, step, rank)``: the views of a step depend
 on nothing else (not on the number of loader workers, nor on the device).
