@@ -121,7 +121,9 @@ def pipeline_rate(store, cfg: ViewConfig, augment: str, workers: int, batch: int
     start-up included (the workers' rusage is known once they are reaped), over every view made.
     """
     dataset = PatchDataset(store, seed=0) if augment == "device" else TwoViewDataset(store, cfg, seed=0)
-    epochs = (batches + 1) * batch // len(store) + 2
+    if batch > len(store):
+        raise SystemExit(f"--batch {batch} is larger than the {len(store)} patches of the store")
+    epochs = -(-(batches + 1) // (len(store) // batch))  # enough whole-batch epochs for batches + 1
     sampler = RunSampler(len(store), 1, 0, seed=0, per_rank_batch=batch, epochs=epochs)
     views = DeviceViews(cfg, seed=0).to(device) if augment == "device" else None
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
@@ -147,7 +149,8 @@ def default_store(tmp: str) -> str:
 
     slide = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
     out = str(Path(tmp) / "views.h5")
-    tile_slides([str(slide)], out, TileSpec(target_mpp=0.5, patch_size=256, min_tissue=0.1), workers=0)
+    # stride 48: the 1,249 patches of the first GPU run (enough for whole batches of 256)
+    tile_slides([str(slide)], out, TileSpec(target_mpp=0.5, patch_size=256, stride=48, min_tissue=0.1), workers=0)
     return out
 
 
