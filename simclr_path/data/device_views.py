@@ -42,6 +42,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -61,7 +62,6 @@ CROP_TRIES = 10
 #: Luminosity (0-1) below which HEStain treats a pixel as tissue (albumentations' get_tissue_mask).
 TISSUE_LUMINOSITY = 0.85
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, what ToGray and the jitter's grey use
-
 
 #: ``--augment auto`` off CUDA: the pipeline bench/views.py measured faster end to end on a 2-core CPU.
 CPU_DEFAULT = "cpu"
@@ -187,15 +187,10 @@ def draw_params(cfg: ViewConfig, n: int, patch_side: int, generator: torch.Gener
                       jitter, brightness, contrast, saturation, hue, order, gray, blur, sigma)
 
 
-_HE_DEFAULTS = None
-
-
+@functools.lru_cache(maxsize=1)
 def _he_stain_settings() -> A.HEStain:
     """albumentations' HEStain as views.py builds it: its intensity ranges are the ones we draw from."""
-    global _HE_DEFAULTS
-    if _HE_DEFAULTS is None:
-        _HE_DEFAULTS = A.HEStain(method="random_preset")
-    return _HE_DEFAULTS
+    return A.HEStain(method="random_preset")
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
