@@ -404,7 +404,7 @@ def test_model_input_turns_loader_uint8_nhwc_into_normalised_channels_last():
     batch = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     for channels_last in (True, False):
-        run = SimpleNamespace(device=torch.device("cpu"), mean=mean, std=std,
+        run = SimpleNamespace(device=torch.device("cpu"), mean=mean, std=std, device_views=None,
                               cfg=SimpleNamespace(model=SimpleNamespace(channels_last=channels_last)))
         x = model_input(batch, run)
         expected = (batch.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
