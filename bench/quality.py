@@ -18,6 +18,11 @@ Rows (each training run one after the other on this machine, same budget, batch 
   ``pretrain`` does by default - part of what "the same cost" buys each.
 - random init: the floor ``evaluate_encoder`` reports (same architecture, untrained).
 
+``--augment both`` trains ours twice per seed, with ``pretrain --augment cpu`` (albumentations in the
+loader workers) and ``--augment device`` (views made by the training device), same steps, and ends
+with the mean kNN and linear differences, device - cpu, in points (issue 22's check: within 1 point
+over 3 seeds). ``--augment cpu|device`` passes one choice; the default (auto) passes none.
+
 Every process runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it), which the
 ``simclr-path`` command sets for itself: the baseline gets it too.
 
@@ -34,6 +39,7 @@ run, from /proc/stat: numbers are comparable only when it is ~0). Everything is 
 
 Usage: python bench/quality.py [--budget 900] [--seeds 0 1 2] [--ours-epochs N] [--ours-args "..."]
        [--skip-baseline] [--work bench/_work/quality] [--out results.json] [--device cpu]
+       [--augment auto|cpu|device|both]
 """
 
 from __future__ import annotations
@@ -234,22 +240,25 @@ def evaluate(encoder: Path, floor: bool, device: str) -> dict:
     return result
 
 
-def train_ours(args, store: Path, seed: int, patches: int) -> dict:
-    run_dir = args.work / "runs" / f"ours-s{seed}"
+def train_ours(args, store: Path, seed: int, patches: int, augment: str = "auto") -> dict:
+    name = f"ours-s{seed}" + ("" if augment == "auto" else f"-{augment}")
+    run_dir = args.work / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run, never a resumed one
     run_dir.mkdir(parents=True)
     cmd = SIMCLR_PATH + ["pretrain", str(store), "--out", str(run_dir), "--config", "small", "--batch", str(BATCH),
                          "--epochs", str(args.ours_epochs), "--seed", str(seed), "--workers", str(WORKERS),
                          "--device", args.device, "--quiet"] + shlex.split(args.ours_args)
+    if augment != "auto":
+        cmd += ["--augment", augment]
     steps = StepFile(run_dir / "metrics.jsonl", has_step=lambda r: "loss" in r)
-    run = run_budgeted(f"ours seed {seed}", cmd, steps, args.budget, args.work / f"ours-s{seed}.log")
+    run = run_budgeted(f"{name}", cmd, steps, args.budget, args.work / f"{name}.log")
     # 143: stopped on SIGTERM, checkpoint saved. -15: the SIGTERM came in the instant between pretrain
     # returning its summary and the process exiting (a schedule that ends right at the budget); the
     # export below checks that the checkpoint holds every step that was logged.
     if run["returncode"] not in (0, 143, -signal.SIGTERM):
-        raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(args.work / f'ours-s{seed}.log')}")
-    encoder = args.work / f"ours-s{seed}.pt"
+        raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(args.work / f'{name}.log')}")
+    encoder = args.work / f"{name}.pt"
     exported = run_tool(["export", str(run_dir), str(encoder)], "simclr-path export")
     run.update(steps=int(exported["steps"]), encoder=str(encoder), command=shlex.join(cmd))
     if run["steps"] < run["steps_seen"]:
@@ -320,7 +329,8 @@ def print_table(results: dict) -> None:
         return f"{label:28} | " + " | ".join(cells)
 
     seeds = sorted({r["seed"] for r in rows})
-    for key, label in (("ours", "ours"), ("baseline", "baseline")):
+    keys = sorted({r["row"] for r in rows if r["row"].startswith("ours")}) + ["baseline"]
+    for key, label in ((k, k.replace("ours-", "ours --augment ")) for k in keys):
         group = [r for r in rows if r["row"] == key]
         for r in group:
             if "error" in r:
@@ -335,7 +345,14 @@ def print_table(results: dict) -> None:
         print(line("random init", [dict(floor, steps=0, epochs=0)]))
     print("wall s: start to exit (ours honours SIGTERM at its next logged step, every 5); other cores: CPU "
           "other processes used meanwhile (~0 for comparable numbers)")
-    ours = [r for r in rows if r["row"] == "ours" and "error" not in r]
+    by_augment = {a: [r for r in rows if r["row"] == f"ours-{a}" and "error" not in r] for a in ("cpu", "device")}
+    if by_augment["cpu"] and by_augment["device"]:
+        for key, title in (("knn_acc", "kNN"), ("linear_acc", "linear")):
+            gap = 100 * (statistics.mean(r[key] for r in by_augment["device"])
+                         - statistics.mean(r[key] for r in by_augment["cpu"]))
+            print(f"--augment device - cpu, {title}: {gap:+.2f} points (mean over seeds "
+                  f"{sorted(r['seed'] for r in by_augment['device'])}; target within 1)")
+    ours = [r for r in rows if r["row"].startswith("ours") and "error" not in r]
     if ours and results["ours_epochs_default"]:
         done = statistics.mean(r["steps"] for r in ours) / (results["patches"] // BATCH)  # pretrain's epochs
         print(f"\nours' schedule spans {results['ours_epochs']} epochs and {done:.1f} were done: "
@@ -352,6 +369,8 @@ def main():
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--device", default="cpu", help="training and evaluation device, for every row")
     parser.add_argument("--out", type=Path, default=None, help="write every number (balanced accuracies too) as JSON")
+    parser.add_argument("--augment", choices=["auto", "cpu", "device", "both"], default="auto",
+                        help="ours' pretrain --augment; both: one run of each per seed, and their difference")
     args = parser.parse_args()
     ours_epochs_default = args.ours_epochs is None
     args.ours_epochs = args.ours_epochs or 38
@@ -372,10 +391,14 @@ def main():
 
     failed = False
     for seed in args.seeds:
-        for row in ("ours",) if args.skip_baseline else ("ours", "baseline"):
+        augments = ("cpu", "device") if args.augment == "both" else (args.augment,)
+        ours_rows = ["ours" if a == "auto" else f"ours-{a}" for a in augments]
+        for row in ours_rows if args.skip_baseline else ours_rows + ["baseline"]:
             record = {"row": row, "seed": seed}
             try:
-                run = train_ours(args, store, seed, patches) if row == "ours" else train_baseline(args, seed)
+                augment = row.partition("-")[2] or "auto"
+                run = train_ours(args, store, seed, patches, augment) if row.startswith("ours") \
+                    else train_baseline(args, seed)
                 record.update(run, epochs=round(run["steps"] * BATCH / patches, 3))
                 floor = "random_init" not in results  # the floor once, from the first evaluation
                 result = evaluate(Path(run["encoder"]), floor, args.device)

@@ -74,12 +74,16 @@ def main():
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-gain", action="store_true",
+                        help="also time the SimCLR step torch.compile'd and print compiled / eager views/s")
     parser.add_argument("--chunk", default=None, help="gradient cache: views per chunk or 'auto' (CUDA)")
     parser.add_argument("--skip-bare", action="store_true", help="only the SimCLR step (e.g. batches too big for one pass)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                         help="skip the pretrain() run (loader + loop)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the end-to-end run")
+    parser.add_argument("--augment", choices=["auto", "device", "cpu"], default="auto",
+                        help="where the end-to-end run makes its views (pretrain --augment)")
     parser.add_argument("--store", default=None, help="store for the end-to-end run [default: CMU-1-Small-Region]")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="(SimCLR step, end-to-end run) pairs; the median ratio is reported")
@@ -101,17 +105,16 @@ def main():
         chunk = choose_chunk(simclr, args.image_size, 2 * args.batch, device, args.amp)
     elif chunk is not None:
         chunk = int(chunk)
-    simclr_fwd = torch.compile(simclr) if args.compile else simclr
-    state = {"step": 0}
+    state = {"step": 0, "fwd": torch.compile(simclr) if args.compile else simclr}
 
     def simclr_step():
         x = normalize(views_u8, IMAGENET_MEAN, IMAGENET_STD).contiguous(memory_format=fmt)
         optimizer.zero_grad(set_to_none=True)
         if chunk:
-            cached_loss_and_backward(simclr_fwd, x, loss_fn, args.amp, chunk)
+            cached_loss_and_backward(state["fwd"], x, loss_fn, args.amp, chunk)
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                z = simclr_fwd(x)
+                z = state["fwd"](x)
             z0, z1 = z.float().chunk(2)
             loss_fn(z0, z1).backward()
         optimizer.step()
@@ -149,10 +152,17 @@ def main():
         print(f"\nSimCLR / bare throughput: {t_bare / t_simclr:.3f}x")
     if device.type == "cuda":
         print(f"SimCLR peak GPU memory {peak:.2f} GiB")
+    if args.compile_gain and not args.compile:
+        state["fwd"] = torch.compile(simclr)
+        (t_compiled,) = time_steps([simclr_step], args.steps, max(args.warmup, 3), device)
+        state["fwd"] = simclr
+        print(f"torch.compile on the SimCLR step: {n / t_compiled:.1f} views/s compiled vs {n / t_simclr:.1f} eager: "
+              f"{t_simclr / t_compiled:.3f}x")
     if args.end_to_end:
         # This machine's speed drifts by 10-20% over minutes (shared hosts), so each end-to-end run is
         # paired with a SimCLR-step timing taken just before it, and the ratio is the median over pairs.
-        print(f"\npretrain end to end ({args.workers} loader workers, real store) vs the SimCLR step timed just before it")
+        print(f"\npretrain end to end ({args.workers} loader workers, --augment {args.augment}, real store) vs the SimCLR "
+              "step timed just before it")
         print(f"{'pair':5} | {'step views/s':>12} | {'e2e views/s':>11} | {'ratio':>6}")
         print("-" * 45)
         ratios = []
@@ -164,7 +174,7 @@ def main():
                 rate = end_to_end(args)
                 ratios.append(rate / (n / t_step))
                 print(f"{pair + 1:5} | {n / t_step:12.1f} | {rate:11.1f} | {ratios[-1]:6.3f}")
-        print(f"\npretrain end to end / SimCLR step: median {statistics.median(ratios):.3f}x over {len(ratios)} pairs "
+        print(f"\npretrain end to end (--augment {args.augment}) / SimCLR step: median {statistics.median(ratios):.3f}x over {len(ratios)} pairs "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
@@ -182,6 +192,7 @@ def end_to_end(args) -> float:
         cfg.optim.global_batch, cfg.optim.epochs = args.batch, 10_000
         cfg.optim.max_steps = args.warmup + args.steps
         cfg.run.device, cfg.run.workers, cfg.run.bf16 = args.device, args.workers, args.amp
+        cfg.run.augment = args.augment
         cfg.run.log_every, cfg.run.checkpoint_every = 5, 10**9  # the loop's own sync cadence
         pretrain([args.store], f"{tmp}/run", cfg, progress=False)
         with open(f"{tmp}/run/metrics.jsonl") as fh:

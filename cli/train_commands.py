@@ -44,7 +44,11 @@ Examples:
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--bf16/--no-bf16", default=None,
-              help="bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX) [default: on].")
+              help="Mixed precision: bf16 autocast where native (CUDA compute capability >= 8, CPUs with AVX512-BF16 "
+                   "or AMX), fp16 with a gradient scaler on older GPUs, fp32 on other CPUs [default: on].")
+@click.option("--augment", type=click.Choice(["auto", "device", "cpu"]), default=None,
+              help="Where the two views are made: device (the training GPU, whole batch at once; loader workers only "
+                   "decode), cpu (albumentations in the loader workers) [default: auto: device on CUDA, else cpu].")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to runs/NAME/tensorboard.")
 @click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes, NCCL).")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine; with --device cpu uses gloo.")
@@ -57,8 +61,8 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
 def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, input_scale,
-             backbone, pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, tensorboard,
-             gpus, nproc, chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
+             backbone, pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, augment,
+             tensorboard, gpus, nproc, chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -83,7 +87,7 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,
                           input_scale=input_scale, mixed_mpp=mixed_mpp, allow_config_change=allow_config_change,
                           backbone=backbone, pretrained=pretrained, workers=workers, device=device, seed=seed,
-                          max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16,
+                          max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16, augment=augment,
                           tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
     cfg = apply_view_options(cfg, **views)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)

@@ -14,6 +14,14 @@ The stages, one folder each, in the order data flows through them:
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# albumentations asks PyPI for a newer release when it is imported (albumentations/__init__.py reads
+# this variable first): a warning from every loader worker on an offline cluster node, and a network
+# wait. Set before any albumentations import, which all go through this package; a value already in
+# the environment wins.
+_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 # The public names, imported lazily: `simclr-path tile` must not pay for importing torch.
 _PUBLIC = {
     "PatchStore": "simclr_path.store.reader",

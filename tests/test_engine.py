@@ -404,7 +404,7 @@ def test_model_input_turns_loader_uint8_nhwc_into_normalised_channels_last():
     batch = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     for channels_last in (True, False):
-        run = SimpleNamespace(device=torch.device("cpu"), mean=mean, std=std,
+        run = SimpleNamespace(device=torch.device("cpu"), mean=mean, std=std, device_views=None,
                               cfg=SimpleNamespace(model=SimpleNamespace(channels_last=channels_last)))
         x = model_input(batch, run)
         expected = (batch.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
@@ -536,9 +536,9 @@ def test_pretrain_shuffles_the_gradient_cache_views_differently_every_step(real_
     seeds = []
     real = train.cached_loss_and_backward
 
-    def recording(model, views, loss_fn, use_amp, chunk, shuffle_seed=0):
+    def recording(model, views, loss_fn, use_amp, chunk, shuffle_seed=0, scaler=None):
         seeds.append(shuffle_seed)
-        return real(model, views, loss_fn, use_amp, chunk, shuffle_seed)
+        return real(model, views, loss_fn, use_amp, chunk, shuffle_seed, scaler)
 
     monkeypatch.setattr(train, "cached_loss_and_backward", recording)
     cfg = tiny_config(max_steps=3)
@@ -556,16 +556,16 @@ def test_bf16_autocast_runs_when_asked_and_native_to_the_device(real_store, tmp_
     used = []
     real = train.loss_and_backward
 
-    def recording(model, views, loss_fn, use_amp):
+    def recording(model, views, loss_fn, use_amp, scaler=None):
         used.append(use_amp)
-        return real(model, views, loss_fn, use_amp)
+        return real(model, views, loss_fn, use_amp, scaler)
 
     monkeypatch.setattr(train, "loss_and_backward", recording)
     monkeypatch.setattr(train, "native_bf16", lambda device: native)
     cfg = tiny_config(max_steps=2)
     cfg.run.bf16 = asked
     summary = pretrain([str(real_store)], str(tmp_path / "run"), cfg, progress=False)
-    assert used == [asked and native] * 2 and summary["bf16"] is (asked and native)
+    assert used == [torch.bfloat16 if asked and native else None] * 2 and summary["bf16"] is (asked and native)
 
 
 def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
@@ -580,7 +580,10 @@ def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
     assert native_bf16(torch.device("cpu"))
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert not native_bf16(torch.device("cpu"))  # a torch without the probe: fp32
-    assert native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert native_bf16(torch.device("cuda"))  # Ampere and later; see test_device_views for older GPUs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert not native_bf16(torch.device("cuda"))
 
 
 def test_a_setting_an_older_checkpoint_lacks_counts_as_its_default():

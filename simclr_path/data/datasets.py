@@ -1,4 +1,5 @@
-"""Datasets over patch stores: two augmented views per patch for pretraining."""
+"""Datasets over patch stores: two augmented views per patch (``--augment cpu``), or the decoded patch
+alone (``--augment device``, the views are made on the training device)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ class TwoViewDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_transform"] = None
         return state
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Each item is one stored patch, decoded: a uint8 HWC tensor (P, P, 3), for views made on the
+    training device (:class:`~simclr_path.data.device_views.DeviceViews`). The workers only read and
+    decode; all randomness is drawn on the device, per step.
+
+    ``dataset[(epoch, i)]`` is accepted as :class:`TwoViewDataset` accepts it (the epoch is unused).
+    """
+
+    def __init__(self, store, seed: int = 0):
+        self.store = store
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:  # the views do not depend on it here
+        pass
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, item) -> torch.Tensor:
+        index = item[1] if isinstance(item, tuple) else item
+        return torch.from_numpy(np.ascontiguousarray(self.store[index]))

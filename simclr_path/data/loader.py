@@ -9,6 +9,8 @@ trained on, so it sees exactly the batches an uninterrupted run would.
 
 Workers collate one ``(2B, S, S, 3)`` uint8 tensor per batch (first views, then second views),
 which the loader pins; the training step moves it to the device and permutes it to NCHW there.
+With ``--augment device`` they collate the decoded patches alone, ``(B, P, P, 3)`` uint8, and the
+training step makes both views on the device (:mod:`simclr_path.data.device_views`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import shutil
 import signal
 
 import cv2
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from simclr_path.data.datasets import TwoViewDataset
+from simclr_path.data.datasets import PatchDataset, TwoViewDataset
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import log
 from simclr_path.runtime.distributed import processes_on_node
@@ -32,6 +35,11 @@ PREFETCH_FACTOR = 4
 
 class RunSampler(Sampler):
     """``(epoch, index)`` for every sample this rank trains on, from a start position to the last epoch.
+
+    The order of an epoch is ``DistributedSampler``'s (shuffle, drop_last): one permutation from
+    ``seed + epoch``, cut to a multiple of the ranks, every ``num_replicas``-th index from ``rank``.
+    It is held as one array (int32 below 2**31 patches), never as Python lists: at 10**8 patches the
+    sampler peaks at about 0.4 GB instead of several GB (bench/sampler_memory.py).
 
     Args:
         num_items: dataset length.
@@ -44,22 +52,29 @@ class RunSampler(Sampler):
 
     def __init__(self, num_items: int, num_replicas: int, rank: int, seed: int, per_rank_batch: int, epochs: int,
                  start_epoch: int = 0, start_batch: int = 0):
-        self.epoch_order = DistributedSampler(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=True,
-                                              seed=seed, drop_last=True)
+        self.num_items, self.num_replicas, self.rank, self.seed = num_items, num_replicas, rank, seed
+        # DistributedSampler(drop_last=True): the per-rank length, the total cut to a multiple of the ranks
+        self.per_rank = num_items // num_replicas
         self.per_rank_batch = per_rank_batch
-        self.steps_per_epoch = len(self.epoch_order) // per_rank_batch
+        self.steps_per_epoch = self.per_rank // per_rank_batch
         self.epochs, self.start_epoch, self.start_batch = epochs, start_epoch, start_batch
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> np.ndarray:
         """This rank's patch indices of ``epoch``, in training order (whole batches only)."""
-        self.epoch_order.set_epoch(epoch)
-        return list(self.epoch_order)[: self.steps_per_epoch * self.per_rank_batch]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)  # DistributedSampler's; int32 draws the same permutation
+        dtype = torch.int32 if self.num_items < 2**31 else torch.int64
+        permutation = torch.randperm(self.num_items, generator=generator, dtype=dtype).numpy()
+        mine = permutation[self.rank: self.per_rank * self.num_replicas: self.num_replicas]
+        return mine[: self.steps_per_epoch * self.per_rank_batch]
 
     def __iter__(self):
         for epoch in range(self.start_epoch, self.epochs):
             skip = self.start_batch * self.per_rank_batch if epoch == self.start_epoch else 0
-            for index in self.order(epoch)[skip:]:
-                yield epoch, index
+            order = self.order(epoch)[skip:]
+            for start in range(0, len(order), 65_536):  # Python ints a slice at a time
+                for index in order[start: start + 65_536].tolist():
+                    yield epoch, index
 
     def __len__(self) -> int:
         epochs = max(0, self.epochs - self.start_epoch)
@@ -76,6 +91,11 @@ def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
     return out
 
 
+def collate_patches(items: list[torch.Tensor]) -> torch.Tensor:
+    """B decoded patches (P, P, 3) -> one (B, P, P, 3) uint8 tensor, for the views made on the device."""
+    return torch.stack(items)
+
+
 def worker_init(worker_id: int) -> None:
     """A training loader's ``worker_init_fn`` (``pretrain``'s and ``segment``'s): one OpenCV thread per
     worker (the workers are the parallelism). Workers leave SIGTERM to the training process, which
@@ -87,15 +107,19 @@ def worker_init(worker_id: int) -> None:
 
 
 def shared_memory_needed(per_rank_batch: int, image_size: int, workers: int, prefetch: int,
-                         processes_on_node: int = 1) -> int:
+                         processes_on_node: int = 1, patch_side: int | None = None) -> int:
     """Bytes of shared memory (``/dev/shm``) the loaders of this node hold: every worker's batches in
-    flight, ``(2B, S, S, 3)`` uint8 each, for every training process of the node."""
-    return processes_on_node * workers * (prefetch + 1) * 2 * per_rank_batch * image_size * image_size * 3
+    flight, for every training process of the node. A batch is ``(2B, S, S, 3)`` uint8 views, or, with
+    ``patch_side`` (views made on the device), ``(B, P, P, 3)`` uint8 patches."""
+    batch = per_rank_batch * patch_side ** 2 * 3 if patch_side else 2 * per_rank_batch * image_size ** 2 * 3
+    return processes_on_node * workers * (prefetch + 1) * batch
 
 
-def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path: str = "/dev/shm") -> int | None:
+def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path: str = "/dev/shm",
+                    patch_side: int | None = None) -> int | None:
     """Batches each worker prepares ahead: :data:`PREFETCH_FACTOR`, or fewer when ``shm_path`` is too
     small (a note says so); a one-line error with the size needed when even one does not fit.
+    ``patch_side``: the loader carries whole decoded patches of that side (``--augment device``).
 
     Docker's default /dev/shm is 64 MB; a loader that outgrows it dies with a bus error mid-run.
     """
@@ -107,24 +131,27 @@ def choose_prefetch(per_rank_batch: int, image_size: int, workers: int, shm_path
         return PREFETCH_FACTOR  # no /dev/shm to measure (not Linux): torch picks its own way
     node = processes_on_node()
     for prefetch in range(PREFETCH_FACTOR, 0, -1):
-        need = shared_memory_needed(per_rank_batch, image_size, workers, prefetch, node)
+        need = shared_memory_needed(per_rank_batch, image_size, workers, prefetch, node, patch_side)
         if need <= 0.8 * free:
             if prefetch < PREFETCH_FACTOR:
                 log(f"note: {shm_path} has {free / 2**30:.2f} GiB free; loader workers prefetch {prefetch} "
                     f"batch(es) instead of {PREFETCH_FACTOR}")
             return prefetch
-    need = shared_memory_needed(per_rank_batch, image_size, workers, 1, node)
+    need = shared_memory_needed(per_rank_batch, image_size, workers, 1, node, patch_side)
+    carried = (f"batches of {per_rank_batch} patches of {patch_side} px" if patch_side
+               else f"batches of {2 * per_rank_batch} views of {image_size} px")
     raise SimclrPathError(
         f"{shm_path}: the data loader needs about {need / 2**30 * 1.25:.2f} GiB of shared memory ({node} process(es) "
-        f"x {workers} workers x batches of {2 * per_rank_batch} views of {image_size} px) but {free / 2**30:.2f} GiB "
+        f"x {workers} workers x {carried}) but {free / 2**30:.2f} GiB "
         "is free; raise it (docker run --shm-size=16g, or a memory-backed emptyDir on Kubernetes) or lower "
         "--workers or --batch"
     )
 
 
-def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin_memory: bool,
+def build_loader(dataset: TwoViewDataset | PatchDataset, sampler: RunSampler, workers: int, pin_memory: bool,
                  prefetch: int | None = PREFETCH_FACTOR) -> DataLoader:
-    """The run's DataLoader: batches of ``sampler.per_rank_batch`` pairs as (2B, S, S, 3) uint8."""
+    """The run's DataLoader: batches of ``sampler.per_rank_batch`` pairs as (2B, S, S, 3) uint8, or of
+    decoded patches as (B, P, P, 3) uint8 from a :class:`PatchDataset`."""
     generator = torch.Generator()
     generator.manual_seed(dataset.seed * 100_003 + sampler.start_epoch)  # worker seeds, not the global RNG
     return DataLoader(
@@ -132,7 +159,7 @@ def build_loader(dataset: TwoViewDataset, sampler: RunSampler, workers: int, pin
         batch_size=sampler.per_rank_batch,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_views,
+        collate_fn=collate_patches if isinstance(dataset, PatchDataset) else collate_views,
         drop_last=True,
         pin_memory=pin_memory,
         generator=generator,

@@ -170,14 +170,21 @@ def patch_label(store, index: int, patch_side: int) -> str:
     return text
 
 
-def draw_samples(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0) -> list[GridSample]:
+def draw_samples(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0,
+                 augment: str = "cpu") -> list[GridSample]:
     """The ``n`` patches of the sheet with the two views training draws for ``(seed, epoch, index)``.
 
     ``store``: a :class:`~simclr_path.PatchStore` or any sequence of HxWx3 uint8 RGB arrays.
+    ``augment``: ``cpu`` (albumentations: pretrain's very pixels) or ``device`` (the batched pipeline
+    of :mod:`~simclr_path.data.device_views`, on the CPU here: the same transforms and distribution,
+    drawn for the ``n`` patches as one batch of step ``epoch``; in pretraining a patch's pixels depend
+    on the batch and step it comes in).
     """
     total = len(store)
     patch_side = int(getattr(store, "patch_size", 0)) or (store[0].shape[0] if total else 0)
     check_request(total, patch_side, cfg, n)
+    if augment == "device":
+        return _draw_device_samples(store, cfg, n, seed, epoch, patch_side)
     transform = build_transform(cfg, record=True)
     samples = []
     for index in pick_indices(total, n, seed):
@@ -186,6 +193,21 @@ def draw_samples(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int 
         samples.append(GridSample(index, patch, [r["image"] for r in results], patch_label(store, index, patch_side),
                                   [view_label(r) for r in results]))
     return samples
+
+
+def _draw_device_samples(store, cfg: ViewConfig, n: int, seed: int, epoch: int, patch_side: int) -> list[GridSample]:
+    import torch
+
+    from simclr_path.data.device_views import DeviceViews
+
+    indices = pick_indices(len(store), n, seed)
+    patches = [store[i] for i in indices]
+    views, params = DeviceViews(cfg, seed).draw(torch.from_numpy(np.stack(patches)), step=epoch)
+    pixels = views.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    labels = params.labels(patch_side)
+    return [GridSample(index, patch, [pixels[k], pixels[n + k]], patch_label(store, index, patch_side),
+                       [labels[k], labels[n + k]])
+            for k, (index, patch) in enumerate(zip(indices, patches))]
 
 
 def legend_items(cfg: ViewConfig, seed: int, epoch: int, patch_side: int, n: int, total: int) -> list[list[str]]:
@@ -290,18 +312,20 @@ def render_grid(samples: list[GridSample], view_size: int, legend: list[list[str
     return canvas
 
 
-def view_grid(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0) -> np.ndarray:
+def view_grid(store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0, augment: str = "cpu") -> np.ndarray:
     """The sheet of ``n`` patches of ``store`` and their training views, as an HxWx3 uint8 RGB image."""
-    samples = draw_samples(store, cfg, n, seed, epoch)
+    samples = draw_samples(store, cfg, n, seed, epoch, augment)
     patch_side = samples[0].patch.shape[0]
     legend = legend_items(cfg, seed, epoch, patch_side, n, len(store))
+    legend[0].append(f"views made by the {augment} pipeline (--augment {augment})")
     return render_grid(samples, cfg.image_size, legend)
 
 
 
-def write_view_grid(path: str, store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0) -> list[int]:
+def write_view_grid(path: str, store, cfg: ViewConfig, n: int = 16, seed: int = 0, epoch: int = 0,
+                    augment: str = "cpu") -> list[int]:
     """Write :func:`view_grid`'s sheet as a PNG to ``path`` (atomically); returns the patch indices shown."""
     if not str(path).lower().endswith(".png"):
         raise SimclrPathError(f"{path}: --out must name a .png file")
-    write_png(str(path), view_grid(store, cfg, n, seed, epoch))
+    write_png(str(path), view_grid(store, cfg, n, seed, epoch, augment))
     return pick_indices(len(store), n, seed)

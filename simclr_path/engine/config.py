@@ -80,6 +80,10 @@ class OptimConfig:
     max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
 
 
+#: Where views are made (``run.augment``); see :func:`simclr_path.data.device_views.resolve_augment`.
+AUGMENT_CHOICES = ("auto", "device", "cpu")
+
+
 @dataclass
 class RunConfig:
     """Where and how the loop runs."""
@@ -87,7 +91,13 @@ class RunConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     workers: int = 4
     seed: int = 0
-    bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); fp32 elsewhere
+    # mixed precision: bf16 autocast where native (CUDA compute capability >= 8, CPUs with AVX512-BF16/AMX),
+    # fp16 autocast with a gradient scaler on older GPUs (V100, T4), fp32 on other CPUs
+    bf16: bool = True
+    # where the two views are made: "device" (the training GPU/CPU, whole batch at once; the loader
+    # workers only decode), "cpu" (albumentations in the loader workers), "auto" (device on CUDA, else
+    # cpu). A run records the resolved choice.
+    augment: str = "auto"
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     tensorboard: bool = False
@@ -149,6 +159,7 @@ class PretrainConfig:
             (_is_number(self.model.input_scale) and 0.25 <= self.model.input_scale <= 4,
              f"--input-scale must be in 0.25..4, got {self.model.input_scale!r}"),
             (r.workers >= 0, f"--workers must be >= 0, got {r.workers}"),
+            (r.augment in AUGMENT_CHOICES, f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, got {r.augment!r}"),
             (r.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {r.checkpoint_every}"),
             (r.eval_every >= 1, f"--eval-every must be >= 1, got {r.eval_every}"),
             (self.model.head_layers >= 1, f"head_layers must be >= 1, got {self.model.head_layers}"),
@@ -228,6 +239,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "checkpoint_every": "run", "tensorboard": "run", "chunk": ("run", "grad_cache_chunk"),
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
         "optimizer": "optim", "mixed_mpp": "run", "allow_config_change": "run", "bf16": "run",
+        "augment": "run",
     }
     for key, value in overrides.items():
         if value is None:
@@ -253,8 +265,11 @@ def changed_settings(saved: dict, current: dict) -> list[tuple[str, object, obje
     ``saved`` is a checkpoint's config (old key names are read as the new ones), ``current`` the
     config of this invocation; keys in :data:`RESUMABLE_KEYS` are ignored.
     """
-    # through the dataclasses: a key an older checkpoint lacks had the default the old run trained with
-    saved = PretrainConfig.from_dict(upgrade_config_dict(saved, quiet=True)).to_dict()
+    # through the dataclasses: a key an older checkpoint lacks had the default the old run trained with,
+    # except run.augment, whose default ("auto") is newer than the runs that lack it (they augmented on the CPU)
+    saved = upgrade_config_dict(saved, quiet=True)
+    saved.setdefault("run", {}).setdefault("augment", "cpu")
+    saved = PretrainConfig.from_dict(saved).to_dict()
     changes = []
     for section, values in current.items():
         for key, value in values.items():

@@ -29,17 +29,27 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from simclr_path.losses import at_least_fp32
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, amp):
+    """Autocast to ``amp``: a dtype, True (bf16), or False/None (off)."""
+    dtype = torch.bfloat16 if amp is True else amp
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=bool(amp))
 
 
-def loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp: bool) -> torch.Tensor:
-    """Forward all 2B views at once, NT-Xent, backward. Returns the detached loss."""
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp, scaler=None) -> torch.Tensor:
+    """Forward all 2B views at once, NT-Xent, backward. Returns the detached loss.
+
+    ``use_amp``: the autocast dtype (True: bf16; False/None: fp32). ``scaler``: a
+    ``torch.amp.GradScaler`` for fp16, which scales the loss before the backward pass.
+    """
     with _autocast(views.device, use_amp):
         z = model(views)
     z0, z1 = at_least_fp32(z).chunk(2)
     loss = loss_fn(z0, z1)
-    loss.backward()
+    _backward(loss, scaler)
     return loss.detach()
 
 
@@ -72,8 +82,8 @@ def shuffled_order(num_views: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_views, generator=torch.Generator().manual_seed(seed))
 
 
-def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp: bool,
-                             chunk: int, shuffle_seed: int | None = 0) -> torch.Tensor:
+def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use_amp,
+                             chunk: int, shuffle_seed: int | None = 0, scaler=None) -> torch.Tensor:
     """Gradient-cache version of :func:`loss_and_backward` over chunks of ``chunk`` views.
 
     ``views`` is [first views; second views]. They are embedded in the order
@@ -100,7 +110,7 @@ def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use
     z_views = z if order is None else z[torch.argsort(order)]  # back to [first views; second views]
     z0, z1 = z_views.chunk(2)
     loss = loss_fn(z0, z1)
-    loss.backward()
+    _backward(loss, scaler)  # a scaled loss scales z.grad, so every chunk's parameter gradients
     grads = z.grad.split(chunk)
 
     no_sync = getattr(model, "no_sync", None)
@@ -117,7 +127,7 @@ def cached_loss_and_backward(model: nn.Module, views: torch.Tensor, loss_fn, use
 
 
 def choose_chunk(model: nn.Module, image_size: int, views_per_rank: int, device: torch.device,
-                 use_amp: bool, memory_fraction: float = 0.7) -> int | None:
+                 use_amp, memory_fraction: float = 0.7) -> int | None:
     """Largest chunk (in views) whose activations fit in ``memory_fraction`` of free GPU memory.
 
     Probes one forward+backward of 16 views to measure memory per view. Returns None when the

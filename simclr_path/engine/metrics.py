@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from simclr_path.engine.curves import plot_curves
 from simclr_path.errors import SimclrPathError
@@ -53,6 +54,12 @@ class TrainingLog:
         self.previous_last_loss = logged[-1] if logged else None
         self.last_loss = None
         self.images_seen = 0
+        # start-up (model build, loader workers, first batch, first step: cudnn autotune, compile) is
+        # timed apart from the steady rate: the first logged interval, step 1, holds it
+        self.started = time.perf_counter()  # pretrain() sets it where it starts its clock
+        self.startup_seconds = 0.0
+        self.steady_images, self.steady_seconds = 0, 0.0
+        self._first_interval = True
         self.bar = _progress_bar(progress and write)
         self.task = None
 
@@ -76,6 +83,13 @@ class TrainingLog:
     def steps_done(self, step: int, epoch: int, losses: list[float], lr: float, images: int, seconds: float) -> None:
         """``losses`` of the steps up to ``step`` since the last call; ``images`` and ``seconds`` over them."""
         self.images_seen += images
+        if images:  # settle_losses hands over pending losses with no images
+            if self._first_interval:
+                self.startup_seconds = time.perf_counter() - self.started
+                self._first_interval = False
+            else:
+                self.steady_images += images
+                self.steady_seconds += seconds
         self.last_loss = losses[-1]
         if self.first_loss is None:
             self.first_loss = losses[0]
@@ -95,6 +109,13 @@ class TrainingLog:
         if self.writer is not None:
             self.writer.add_scalar("knn_acc", accuracy, step)
         (self.bar.console.print if self.bar is not None else log)(f"step {step}: kNN accuracy {accuracy:.3f}")
+
+    def steady_rate(self, seconds: float) -> float:
+        """Images per second after start-up (every logged interval but the first); the whole run's
+        ``images_seen / seconds`` when there was no second interval."""
+        if self.steady_seconds > 0:
+            return self.steady_images / self.steady_seconds
+        return self.images_seen / seconds if seconds > 0 else 0.0
 
     def final_loss(self) -> float | None:
         return self.last_loss if self.last_loss is not None else self.previous_last_loss

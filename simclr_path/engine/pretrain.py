@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from simclr_path.data.datasets import TwoViewDataset
+from simclr_path.data.datasets import PatchDataset, TwoViewDataset
+from simclr_path.data.device_views import DeviceViews, resolve_augment
 from simclr_path.data.loader import RunSampler, build_loader, choose_prefetch, run_batches
 from simclr_path.data.input_spec import to_model_input
 from simclr_path.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -46,7 +47,7 @@ from simclr_path.models import SimCLRModel, check_backbone_name
 from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
 from simclr_path.runtime import distributed
 from simclr_path.runtime.console import log
-from simclr_path.runtime.device import native_bf16, resolve_device
+from simclr_path.runtime.device import native_bf16, precision_name, resolve_device
 from simclr_path.store.format import jsonable
 from simclr_path.store.reader import PatchStore
 
@@ -62,7 +63,7 @@ class Run:
     device: torch.device
     world: int
     per_rank_batch: int
-    dataset: TwoViewDataset
+    dataset: TwoViewDataset | PatchDataset  # PatchDataset: views made on the device (run.augment)
     model: torch.nn.Module  # the SimCLR model itself (what is checkpointed and exported)
     train_model: torch.nn.Module  # what the loop calls: DDP and/or torch.compile around ``model``
     optimizer: torch.optim.Optimizer
@@ -81,11 +82,22 @@ class Run:
     unchecked_losses: list = field(default_factory=list)  # device losses of steps since the last sync
     stop: StopOnSigterm = field(default_factory=StopOnSigterm)  # SIGTERM seen by this process
     stop_agreed: bool = False  # the ranks agreed at a sync step that one of them saw SIGTERM
+    device_views: DeviceViews | None = None  # run.augment == "device": makes both views of a batch
+    scaler: object = None  # torch.amp.GradScaler under fp16 autocast
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype of this run, when mixed precision is asked for (``run.bf16``): bf16 where the
+        device has it natively, fp16 (with a gradient scaler) on a CUDA GPU without it, else None (fp32)."""
+        if not self.cfg.run.bf16:
+            return None
+        if native_bf16(self.device):
+            return torch.bfloat16
+        return torch.float16 if self.device.type == "cuda" else None
 
     @property
     def bf16(self) -> bool:
-        """bf16 autocast this run: asked for (``run.bf16``) and native on the device."""
-        return bool(self.cfg.run.bf16) and native_bf16(self.device)
+        return self.amp_dtype == torch.bfloat16
 
     @property
     def checkpoint_path(self) -> str:
@@ -112,9 +124,12 @@ def is_sync_step(run: Run, step: int) -> bool:
             or step % cfg.run.checkpoint_every == 0)
 
 
-def model_input(batch: torch.Tensor, run: Run) -> torch.Tensor:
-    """(2B, S, S, 3) uint8 from the loader -> normalised float (2B, 3, S, S) on the device
-    (:func:`~simclr_path.data.input_spec.to_model_input`, as every other command's input)."""
+def model_input(batch: torch.Tensor, run: Run, step: int = 0) -> torch.Tensor:
+    """(2B, S, S, 3) uint8 views from the loader -> normalised float (2B, 3, S, S) on the device
+    (:func:`~simclr_path.data.input_spec.to_model_input`, as every other command's input); or, with
+    views made on the device, (B, P, P, 3) uint8 patches -> both views of each, drawn for ``step``."""
+    if run.device_views is not None:
+        return run.device_views(batch.to(run.device, non_blocking=True), step)
     return to_model_input(batch, run.mean, run.std, run.device, channels_last=run.cfg.model.channels_last,
                           layout="NHWC")
 
@@ -148,16 +163,16 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
     ``run.last_step`` optimiser steps are done, or until SIGTERM asks to stop."""
     cfg, state = run.cfg, run.state
     run.train_model.train()
-    use_amp = run.bf16
+    use_amp = run.amp_dtype
     since, images = time.perf_counter(), 0
     for batch in itertools.islice(batches, run.steps_per_epoch - state.batch_in_epoch):
-        views = model_input(batch, run)
+        views = model_input(batch, run, state.step)
         run.optimizer.zero_grad(set_to_none=True)
         if run.chunk is not None and run.chunk < views.shape[0]:
             loss = cached_loss_and_backward(run.train_model, views, run.loss_fn, use_amp, run.chunk,
-                                            shuffle_seed(cfg.run.seed, state.step))
+                                            shuffle_seed(cfg.run.seed, state.step), scaler=run.scaler)
         else:
-            loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp)
+            loss = loss_and_backward(run.train_model, views, run.loss_fn, use_amp, scaler=run.scaler)
         run.unchecked_losses.append(loss)
         images += views.shape[0] * run.world
         # One process acts on SIGTERM at the next step; ranks agree on it at the next sync step.
@@ -165,7 +180,11 @@ def train_one_epoch(run: Run, batches, log: TrainingLog, knn=None) -> None:
         if sync:  # before the optimiser step, so a non-finite loss is never applied and then saved
             losses, stop = check_losses(run, state.step + 1)
         state.consistent = False
-        run.optimizer.step()
+        if run.scaler is not None:  # fp16: unscale, skip the step if a gradient overflowed, adapt the scale
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
         state.step += 1
         state.batch_in_epoch += 1
         run.scheduler.step_update(num_updates=state.step)
@@ -228,7 +247,7 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
                              cfg.run.eval_max_per_class, cfg.run.seed)
         training_log = TrainingLog(out, run.state.step, run.last_step, cfg.run.log_every, write=main,
                                    progress=progress, tensorboard=cfg.run.tensorboard)
-        started = time.perf_counter()
+        started = training_log.started = time.perf_counter()
         try:
             with training_log:
                 train(run, training_log, knn)
@@ -323,15 +342,19 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
         device = distributed.local_cuda_device()
     per_rank_batch = cfg.optim.global_batch // world
 
+    cfg.run.augment = resolve_augment(cfg.run.augment, device.type)  # recorded resolved (config.yaml, checkpoint)
+    on_device = cfg.run.augment == "device"
+
     prefetch, shm_error = 0, None
     try:  # measured before any loader of this run exists (see agree_on_prefetch)
-        prefetch = choose_prefetch(per_rank_batch, cfg.views.image_size, cfg.run.workers) or 0
+        prefetch = choose_prefetch(per_rank_batch, cfg.views.image_size, cfg.run.workers,
+                                   patch_side=store.patch_size if on_device else None) or 0
     except SimclrPathError as exc:
         shm_error = exc
 
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    dataset = TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
+    dataset = PatchDataset(store, seed=cfg.run.seed) if on_device else TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
     steps_per_epoch = RunSampler(len(dataset), world, rank, cfg.run.seed, per_rank_batch, cfg.optim.epochs).steps_per_epoch
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -347,11 +370,12 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
     seed_this_rank(cfg.run.seed, rank)  # after the model is built: its initial weights are the same everywhere
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    device_views = DeviceViews(cfg.views, cfg.run.seed, rank, cfg.model.channels_last).to(device) if on_device else None
     optimizer = build_optimizer(model, lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coeff,
                                 cfg.optim.optimizer)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     last_step = min(cfg.optim.max_steps if cfg.optim.max_steps is not None else total_steps, total_steps)
-    return Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
+    run = Run(cfg=cfg, out=out, stores=stores, store=store, device=device, world=world,
                per_rank_batch=per_rank_batch, dataset=dataset, model=model, train_model=model,
                optimizer=optimizer, scheduler=scheduler, loss_fn=NTXentLoss(cfg.loss.temperature,
                                                                             gather_distributed=True),
@@ -359,7 +383,10 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
                prefetch=prefetch, shm_error=shm_error,
                mean=torch.tensor(cfg.views.mean, device=device).view(1, 3, 1, 1),
                std=torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1),
-               state=TrainState())
+               state=TrainState(), device_views=device_views)
+    if run.amp_dtype == torch.float16:
+        run.scaler = torch.amp.GradScaler("cuda")
+    return run
 
 
 def resume(run: Run, ckpt: dict | None) -> None:
@@ -431,7 +458,8 @@ def describe(run: Run) -> str:
     return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
             f"{cfg.optim.global_batch} = {run.world} x {run.per_rank_batch}: "
             f"{run.loss_fn.negatives_per_anchor(cfg.optim.global_batch)} negatives per anchor, "
-            f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}, {'bf16 autocast' if run.bf16 else 'fp32'}"
+            f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}, {_precision_text(run)}, "
+            f"views made {'on the ' + run.device.type + ' (--augment device)' if run.device_views else 'by ' + str(cfg.run.workers) + ' loader worker(s) (--augment cpu)'}"
             + (f", gradient cache in chunks of {run.chunk} views" if run.chunk else "")
             + (f", resuming at step {run.state.step}" if run.state.step else ""))
 
@@ -445,6 +473,8 @@ def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
         "backbone": cfg.model.backbone,
         "device": str(run.device),
         "bf16": run.bf16,
+        "precision": precision_name(run.amp_dtype),
+        "augment": cfg.run.augment,
         "world_size": run.world,
         "global_batch": cfg.optim.global_batch,
         "negatives_per_anchor": run.loss_fn.negatives_per_anchor(cfg.optim.global_batch),
@@ -454,8 +484,18 @@ def summarize(run: Run, training_log: TrainingLog, seconds: float) -> dict:
         "first_loss": training_log.first_loss,
         "last_loss": training_log.final_loss(),
         "seconds": round(seconds, 2),
-        "img_per_s": round(training_log.images_seen / seconds, 2) if seconds > 0 else 0.0,
+        "img_per_s": round(training_log.steady_rate(seconds), 2),
+        "startup_s": round(training_log.startup_seconds, 2),
     }
+
+
+def _precision_text(run: Run) -> str:
+    """The precision, as the first line says it: fp16 names the reason (no native bf16 on this GPU)."""
+    dtype = run.amp_dtype
+    if dtype == torch.float16:
+        return (f"fp16 autocast with a gradient scaler ({torch.cuda.get_device_name(run.device)}, compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(run.device)))}, has no native bf16)")
+    return "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
 
 
 def _all_finite(losses: list[torch.Tensor]) -> bool:
