@@ -298,7 +298,7 @@ def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
         raise SimclrPathError(
             f"--batch {cfg.optim.global_batch} does not divide over {world} processes; use a multiple of {world}"
         )
-    store = PatchStore(stores)
+    store = PatchStore(stores, exclude_qc=cfg.run.exclude_qc)
     _check_data(store, cfg, stores)
     return store
 
@@ -335,7 +335,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
 
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    dataset = TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
+    dataset = TwoViewDataset(store.kept(), cfg.views, seed=cfg.run.seed)  # without --exclude-qc's patches
     steps_per_epoch = RunSampler(len(dataset), world, rank, cfg.run.seed, per_rank_batch, cfg.optim.epochs).steps_per_epoch
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -412,7 +412,7 @@ def check_resumed_settings(run: Run, saved: dict, step: int) -> None:
 def describe(run: Run) -> str:
     """The one line logged at the start of a run."""
     cfg = run.cfg
-    return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
+    return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.dataset)} patches, global batch "
             f"{cfg.optim.global_batch} = {run.world} x {run.per_rank_batch}: "
             f"{run.loss_fn.negatives_per_anchor(cfg.optim.global_batch)} negatives per anchor, "
             f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}, {'bf16 autocast' if run.bf16 else 'fp32'}"
@@ -461,6 +461,10 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
     names = ", ".join(stores)
     if len(store) == 0:
         raise SimclrPathError(f"{names}: the store holds no patches; tile slides with tissue first")
+    kept = int(store.included().sum())
+    if kept == 0:
+        raise SimclrPathError(f"{names}: every patch is flagged {','.join(store.exclude_qc)} by tiling QC; "
+                              "check the tiling preview, or pass --exclude-qc none")
     if cfg.views.image_size > store.patch_size:
         raise SimclrPathError(
             f"--image-size {cfg.views.image_size} is larger than the {store.patch_size} px patches in {names}; "
@@ -473,9 +477,9 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
             f"stores of different resolutions in one run ({listed}); re-tile them at one --mpp, or pass --mixed-mpp "
             "if mixing is on purpose"
         )
-    if cfg.optim.global_batch > len(store):
+    if cfg.optim.global_batch > kept:
         raise SimclrPathError(
-            f"--batch {cfg.optim.global_batch} is larger than the {len(store)} patches in {names}; lower --batch"
+            f"--batch {cfg.optim.global_batch} is larger than the {kept} patches in {names}; lower --batch"
         )
 
 
@@ -550,4 +554,6 @@ def _store_meta(store: PatchStore) -> dict:
         "resolutions": [{"path": os.path.abspath(path), "target_mpp": mpp, "magnification": magnification}
                         for path, (mpp, magnification) in store_resolutions(store).items()],
         "patches": len(store),
+        "exclude_qc": list(store.exclude_qc),
+        "patches_used": int(store.included().sum()),
     }
