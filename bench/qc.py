@@ -15,9 +15,10 @@ uint8 mask, 0 clean, i + 1 where artefact i of ``<name>.json``'s ``painted`` lis
 Each is tiled with ``simclr-path tile`` (0.5 um/px, 128 px, 2 workers) with QC on and off. A
 patch is an artefact patch of a kind when the painted mask covers at least 5% of it (pen) or 50%
 (blur, fold); clean when no artefact of any kind touches it; anything between is left out of both
-counts. Printed, a table per kind: recall (artefact patches flagged for that reason), clean
-patches lost (clean patches flagged pen or blur: what the default ``--exclude-qc pen,blur`` drops),
-and the tiling time with QC over without (best of 3 each, alternating).
+counts. Printed, a table per kind (on the 128 px store): recall (artefact patches flagged for that
+reason), clean patches lost (clean patches flagged pen or blur: what the default ``--exclude-qc
+pen,blur`` drops), clean patches flagged fold; and the tiling time with QC over without, at 256
+and 128 px (the whole command, best of 3 each, alternating).
 
 Usage: python bench/qc.py [--repeats 3] [--rebuild]
 """
@@ -163,11 +164,11 @@ def build(rebuild: bool) -> dict[str, list[Path]]:
     return slides
 
 
-def tile(slides: list[Path], out: Path, qc: str) -> tuple[float, dict]:
+def tile(slides: list[Path], out: Path, qc: str, patch_size: int = 128) -> tuple[float, dict]:
     if out.exists():
         out.unlink()
-    args = [*CLI, "tile", *map(str, slides), "--out", str(out), "--patch-size", "128", "--workers", "2", "-q",
-            "--qc", qc]
+    args = [*CLI, "tile", *map(str, slides), "--out", str(out), "--patch-size", str(patch_size), "--workers", "2",
+            "-q", "--qc", qc]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -223,19 +224,21 @@ def main() -> None:
     args = parser.parse_args()
     slides = build(args.rebuild)
     everything = [s for kind in slides.values() for s in kind]
-    times = {"on": [], "off": []}
+    times = {(size, qc): [] for size in (256, 128) for qc in ("off", "on")}
     summaries = {}
     for _ in range(args.repeats):
-        for qc in ("off", "on"):
-            seconds, summaries[qc] = tile(everything, WORK / f"all-{qc}.h5", qc)
-            times[qc].append(seconds)
-    print(f"tiling {len(everything)} painted slides, {summaries['on']['patches']} patches (128 px, 0.5 um/px, "
-          f"2 workers), best of {args.repeats}: QC off {min(times['off']):.2f} s, QC on {min(times['on']):.2f} s, "
-          f"ratio {min(times['on']) / min(times['off']):.3f}")
-    assert summaries["on"]["patches"] == summaries["off"]["patches"]
-    report = {"time_s": times, "kinds": {}}
+        for size, qc in times:
+            seconds, summaries[size, qc] = tile(everything, WORK / f"all-{size}-{qc}.h5", qc, size)
+            times[size, qc].append(seconds)
+    for size in (256, 128):
+        off, on = min(times[size, "off"]), min(times[size, "on"])
+        assert summaries[size, "on"]["patches"] == summaries[size, "off"]["patches"]
+        print(f"tiling {len(everything)} painted slides into {summaries[size, 'on']['patches']} patches of {size} px "
+              f"(0.5 um/px, 2 workers, whole command), best of {args.repeats}: QC off {off:.2f} s, QC on {on:.2f} s, "
+              f"ratio {on / off:.3f}")
+    report = {"time_s": {f"{size}-{qc}": t for (size, qc), t in times.items()}, "kinds": {}}
     for kind, kind_slides in slides.items():
-        rows, by_setting = score(kind, kind_slides, WORK / "all-on.h5")
+        rows, by_setting = score(kind, kind_slides, WORK / "all-128-on.h5")
         report["kinds"][kind] = {"slides": rows, "by_setting": by_setting}
         print(f"\n{kind}: artefact patch = painted mask covers >= {TRUTH_MIN[kind]:.0%} of it")
         print(f"| slide | patches | {kind} patches | flagged {kind} | recall | clean | clean lost (pen/blur) "

@@ -194,3 +194,18 @@ def test_exclude_qc_reaches_select_regions_and_embed(qc_store, tmp_path):
     np.testing.assert_array_equal(coords, expected)
     r = run_cli("select", encoder, qc_store, "--budget", 2, "--out", tmp_path / "sel", "--exclude-qc", "ink")
     assert_one_line_error(r, "unknown QC reason 'ink'")
+
+
+def test_pretrain_trains_on_the_kept_patches_and_refuses_a_changed_exclusion_on_resume(qc_store, tmp_path):
+    from simclr_path.engine.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    tiny = ["--backbone", "resnet10t", "--batch", 16, "--image-size", 64, "--max-steps", 1, "--device", "cpu",
+            "--workers", 0, "-q"]
+    one_json(run_cli("pretrain", qc_store, "--out", run, *tiny))
+    ckpt = load_checkpoint(str(run / "checkpoint.pt"))
+    kept = len(PatchStore(qc_store, exclude_qc="pen,blur").indices())
+    assert ckpt["store"]["patches"] == 144 and ckpt["store"]["patches_used"] == kept < 144
+    assert ckpt["store"]["exclude_qc"] == ["pen", "blur"] and ckpt["config"]["run"]["exclude_qc"] == "pen,blur"
+    r = run_cli("pretrain", qc_store, "--out", run, *tiny, "--max-steps", 2, "--exclude-qc", "none")
+    assert_one_line_error(r, "exclude_qc")
