@@ -208,4 +208,4 @@ def test_pretrain_trains_on_the_kept_patches_and_refuses_a_changed_exclusion_on_
     assert ckpt["store"]["patches"] == 144 and ckpt["store"]["patches_used"] == kept < 144
     assert ckpt["store"]["exclude_qc"] == ["pen", "blur"] and ckpt["config"]["run"]["exclude_qc"] == "pen,blur"
     r = run_cli("pretrain", qc_store, "--out", run, *tiny, "--max-steps", 2, "--exclude-qc", "none")
-    assert_one_line_error(r, "exclude_qc")
+    assert_one_line_error(r, "--exclude-qc pen,blur, not none")

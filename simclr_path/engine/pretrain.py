@@ -372,6 +372,12 @@ def resume(run: Run, ckpt: dict | None) -> None:
     if ckpt is not None:
         saved = upgrade_config_dict(ckpt["config"], run.checkpoint_path, quiet=True)
         saved_batch = saved["optim"]["global_batch"]
+        saved_exclude = saved.get("run", {}).get("exclude_qc", "pen,blur")  # older runs had the default
+        if saved_exclude != cfg.run.exclude_qc:  # another set of patches: the data position means nothing
+            raise SimclrPathError(
+                f"{run.checkpoint_path}: this run was started with --exclude-qc {saved_exclude}, not "
+                f"{cfg.run.exclude_qc}; resume with --exclude-qc {saved_exclude} or use a new --out"
+            )
         if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.global_batch:
             raise SimclrPathError(
                 f"{run.checkpoint_path}: this run was started with --batch {saved_batch} and "

@@ -131,7 +131,7 @@ def prepare_slide(
     flat = np.flatnonzero(keep)
     cells = np.stack([flat // max(n_cols, 1), flat % max(n_cols, 1)], axis=1).astype(np.int64)
     result = SlidePlan(meta, plan, coords[keep], fractions[keep], cells, int(len(coords)))
-    if preview_dir and spec.qc:  # the tiler draws it when the slide's QC flags are known
+    if preview_dir and spec.qc and len(result.coords):  # the tiler draws it once QC flags are known
         result.mask = mask
     elif preview_dir:
         legend = legend_text(preview_name, meta.mpp, plan.target_mpp, plan.patch_size, len(result.coords),

@@ -363,10 +363,18 @@ def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, resul
     slide.remaining -= len(indices)
     reporter.patches_done(len(indices))
     if slide.remaining == 0:
+        try:
+            with _disk_errors(writer.path):
+                counts = _finish_qc(slide, *outputs) if spec.qc else None
+        except SlideError as exc:  # its preview could not be drawn: the slide fails, as without QC
+            writer.discard(slide.name)
+            active.pop(slide.name, None)
+            _fail(result, reporter, slide.path, str(exc))
+            return
         with _disk_errors(writer.path):
-            if spec.qc:
-                _finish_qc(slide, spec, result, *outputs)
             writer.commit(slide.name)
+        if counts is not None:
+            result.qc[slide.name] = counts
         active.pop(slide.name)
         result.slides_tiled += 1
         result.patches += len(slide.plan.coords)
@@ -388,12 +396,12 @@ def _write_qc(group, scores: np.ndarray, flags: np.ndarray, stats: dict | None =
     return counts
 
 
-def _finish_qc(slide: _Active, spec: TileSpec, result: TileResult, preview_dir, report_dir) -> None:
+def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
     """Second QC pass once a slide is all measured: flags against the slide's own distribution,
-    stored with the scores; then the preview and the per-slide report, if asked for."""
+    stored with the scores; then the preview and the per-slide report, if asked for. Returns the
+    patches per reason."""
     flags, stats = slide_flags(slide.scores)
     counts = _write_qc(slide.group, slide.scores, flags, stats)
-    result.qc[slide.name] = counts
     sp = slide.plan
     if preview_dir and sp.mask is not None:
         legend = legend_text(slide.name, sp.meta.mpp, sp.plan.target_mpp, sp.plan.patch_size, len(sp.coords),
@@ -419,6 +427,7 @@ def _finish_qc(slide: _Active, spec: TileSpec, result: TileResult, preview_dir, 
         with open(tmp, "w") as fh:
             json.dump(report, fh, indent=1)
         os.replace(tmp, os.path.join(report_dir, f"{slide.name}.json"))
+    return counts
 
 
 def _write_slide_header(group, sp: SlidePlan, spec: TileSpec, name: str) -> None:
