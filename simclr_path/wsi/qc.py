@@ -41,8 +41,9 @@ does not widen it. A patch is ``blur`` when its log sharpness is below
 spread) from losing its ordinary patches: a patch must be at least that many times less sharp (or
 denser) than the slide's median patch. ``m`` and ``s`` are estimated :data:`REJECTION_ROUNDS`
 times, each time without the patches the previous round flagged, so a slide that is one third
-blurred still has the median of its sharp part. Slides with fewer than
-:data:`MIN_PATCHES_FOR_STATS` measured patches get no ``blur`` or ``fold`` flags.
+blurred still has the median of its sharp part (``bench/qc.py``'s slides are a quarter to a third
+blurred); a slide mostly out of focus is beyond any measure relative to the slide itself. Slides
+with fewer than :data:`MIN_PATCHES_FOR_STATS` measured patches get no ``blur`` or ``fold`` flags.
 
 Bubbles and debris are not detected (not attempted yet).
 
@@ -70,7 +71,7 @@ INK_VIEW = 64
 #: Rounds of median/MAD estimation, each without the patches the previous round flagged: a slide
 #: with a large artefact has its median pulled towards it, and its first threshold is too lenient.
 REJECTION_ROUNDS = 3
-#: Below this many measured patches a slide's median and MAD are not trusted: the floors alone judge.
+#: Below this many measured patches a slide's median and spread are not trusted: no blur or fold flags.
 MIN_PATCHES_FOR_STATS = 8
 
 
@@ -129,8 +130,8 @@ def patch_scores(rgb: np.ndarray, params: QCParams = QCParams()) -> np.ndarray:
     """``(pen_fraction, sharpness, optical_density)`` of one HxWx3 uint8 RGB patch, float32.
 
     Colour work (ink, tissue, density) runs on the 64 x 64 view; the derivatives on the full patch,
-    averaged down to the view's grid so tissue is selected there. About 0.3 ms for a 256 px patch on
-    one CPU core.
+    averaged down to the view's grid so tissue is selected there. 0.4-0.8 ms for a 128-256 px patch
+    on one core of this project's shared 2-core machine.
     """
     small = cv2.resize(rgb, (INK_VIEW, INK_VIEW), interpolation=cv2.INTER_AREA)
     pen = float(cv2.morphologyEx(ink_mask(small), cv2.MORPH_OPEN, _OPEN).mean())
@@ -206,11 +207,12 @@ def slide_flags(scores: np.ndarray, params: QCParams = QCParams()) -> tuple[np.n
     for reason, values, z, ratio, sign in (("blur", log_sharp, params.blur_z, params.blur_min_ratio, -1),
                                            ("fold", log_density, params.fold_z, params.fold_min_ratio, 1)):
         hit = np.zeros(len(values), dtype=bool)
+        median = threshold = math.nan
         for _ in range(REJECTION_ROUNDS):  # statistics of the patches not (yet) taken for artefacts
-            median, spread = _robust(values[~pen & ~hit], sign)
-            if math.isnan(median):
+            centre, spread = _robust(values[~pen & ~hit], sign)
+            if math.isnan(centre):  # too few left: keep the previous round's decision
                 break
-            threshold = median + sign * max(z * spread, math.log10(ratio))
+            median, threshold = centre, centre + sign * max(z * spread, math.log10(ratio))
             with np.errstate(invalid="ignore"):
                 hit = values < threshold if sign < 0 else values > threshold
         if math.isnan(median):
