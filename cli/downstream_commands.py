@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from simclr_path.cli.options import exclude_qc_option
 from simclr_path.cli.output import echo_json
 
 
@@ -19,8 +20,9 @@ Example:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch", type=int, default=256, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
+@exclude_qc_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def embed(encoder, stores, out, device, batch, workers, quiet):
+def embed(encoder, stores, out, device, batch, workers, exclude_qc, quiet):
     """Encoder features for every patch, per slide in CLAM's/TRIDENT's layout plus one combined h5.
 
     Streams batch by batch (memory does not grow with the number of patches) and resumes per
@@ -31,7 +33,7 @@ def embed(encoder, stores, out, device, batch, workers, quiet):
     from simclr_path.runtime.console import Reporter
 
     echo_json(embed_stores(encoder, list(stores), out, device=device, batch_size=batch, workers=workers,
-                            reporter=Reporter(enabled=not quiet)))
+                            exclude_qc=exclude_qc, reporter=Reporter(enabled=not quiet)))
 
 
 @click.command(epilog="""\b

@@ -1,4 +1,5 @@
-"""Command-line options shared by commands that take the same settings (``views`` and ``pretrain``).
+"""Command-line options shared by commands that take the same settings (``views`` and ``pretrain``;
+``--exclude-qc`` for ``pretrain``, ``embed`` and ``select``).
 
 :func:`view_options` adds the augmentation overrides; every one defaults to None, meaning "keep the
 value of the config" (``--config``), so a preset stays the single source of defaults.
@@ -17,6 +18,26 @@ VIEW_OPTION_NAMES = ("image_size", "crop_scale", "flip_p", "rot90_p", "jitter_p"
                      "blur_p", "he_stain_p", "light_p")
 
 _KEEP = " [default: the config's]"
+
+
+def exclude_qc_option(default: str | None = "pen,blur"):
+    """Click decorator: ``--exclude-qc``, the tiling QC reasons whose patches a command leaves out.
+
+    ``default`` None (``pretrain``) keeps the config's value; the value is normalised to a comma list
+    of known reasons, or ``"none"``, so a resumed run compares like with like.
+    """
+    def normalise(ctx, param, value):
+        if value is None:
+            return None
+        from simclr_path.store.format import parse_exclude_qc
+
+        return ",".join(parse_exclude_qc(value)) or "none"
+
+    shown = "pen,blur (the config's)" if default is None else default
+    return click.option(
+        "--exclude-qc", default=default, callback=normalise, metavar="REASONS",
+        help="Leave out patches that tiling QC flagged for these reasons (comma list of pen, blur, fold; "
+             f"'none': keep all) [default: {shown}].")
 
 
 def view_options(command):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from simclr_path.cli.options import exclude_qc_option
 from simclr_path.cli.output import echo_json
 
 
@@ -42,9 +43,10 @@ Examples:
 @click.option("--batch", type=int, default=128, show_default=True,
               help="Patches per forward pass (the segment model takes at most 32).")
 @click.option("--workers", type=int, default=2, show_default=True)
+@exclude_qc_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def select(encoder, stores, budget, out, region_size, strategy, features_dir, model, annotated, mask_format, pool, seed,
-           device, batch, workers, quiet):
+           device, batch, workers, exclude_qc, quiet):
     """Rank regions of the stored slides for annotation; write what a pathologist opens.
 
     A region is a square of K x K tissue patches; its feature is the mean of its patches' encoder
@@ -59,7 +61,8 @@ def select(encoder, stores, budget, out, region_size, strategy, features_dir, mo
     echo_json(select_regions_for_annotation(
         encoder, list(stores), out, budget=budget, region_size=region_size, strategy=strategy,
         features_dir=features_dir, model=model, annotated=annotated, pool=pool, seed=seed, device=device,
-        batch_size=batch, workers=workers, reporter=Reporter(enabled=not quiet), mask_format=mask_format))
+        batch_size=batch, workers=workers, exclude_qc=exclude_qc, reporter=Reporter(enabled=not quiet),
+        mask_format=mask_format))
 
 
 COMMANDS = [select]

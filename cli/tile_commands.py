@@ -18,6 +18,7 @@ Examples:
   find /data -name '*.svs' | simclr-path tile - --out p.h5 --workers 8
   simclr-path tile slides/ --out p.h5 --slide-mpp 0.25       # slides lacking mpp metadata
   simclr-path tile slides/ --out p-$ID.h5 --shard $ID/16      # SLURM array task $ID of 16
+  simclr-path tile slides/ --out p.h5 --preview prev/ --qc-report qc/   # check what QC flagged
 """
 )
 @click.argument("slides", nargs=-1, required=True)
@@ -35,9 +36,13 @@ Examples:
 @click.option("--workers", type=int, default=2, show_default=True, help="Reader processes (0: read in this process).")
 @click.option("--shard", default=None, help="K/N: take every N-th slide starting at K (0 <= K < N).")
 @click.option("--preview", type=click.Path(file_okay=False), default=None, help="Folder for one PNG per slide: tissue and kept patches.")
+@click.option("--qc", "qc", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Flag pen ink, blur and folds per patch (stored; pretrain/embed/select leave pen and blur out).")
+@click.option("--qc-report", type=click.Path(file_okay=False), default=None,
+              help="Folder for one JSON per slide: patches per QC reason, thresholds, flagged patches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissue, codec, jpeg_quality,
-         slide_mpp, mpp_csv, workers, shard, preview, quiet):
+         slide_mpp, mpp_csv, workers, shard, preview, qc, qc_report, quiet):
     """Cut tissue patches from whole-slide images into an HDF5 patch store.
 
     SLIDES are files, folders (searched recursively for anything OpenSlide opens) or '-' to read
@@ -60,11 +65,11 @@ def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissu
     if mpp is None and magnification is None:
         mpp = 0.5
     spec = TileSpec(target_mpp=mpp, magnification=magnification, patch_size=patch_size, stride=stride,
-                    min_tissue=min_tissue, codec=codec, jpeg_quality=jpeg_quality)
+                    min_tissue=min_tissue, codec=codec, jpeg_quality=jpeg_quality, qc=qc == "on")
     paths = take_shard(find_slides(slides, sys.stdin), parse_shard(shard))
     table = load_mpp_table(mpp_csv) if mpp_csv else None
     result = tile_slides(paths, out, spec, workers=workers, fallback_mpp=slide_mpp, mpp_table=table,
-                         preview_dir=preview, reporter=Reporter(enabled=not quiet))
+                         preview_dir=preview, qc_report_dir=qc_report, reporter=Reporter(enabled=not quiet))
     echo_json(result.as_dict())
     if not result.ok:
         sys.exit(1)
@@ -73,7 +78,7 @@ def tile(slides, out, mpp, magnification, patch_size, stride, overlap, min_tissu
 @click.command(epilog="Example:\n\n  simclr-path info patches.h5 | jq .total_patches")
 @click.argument("stores", nargs=-1, required=True)
 def info(stores):
-    """Print a JSON summary of one or more patch stores (patches, patch size, mpp, per slide)."""
+    """Print a JSON summary of one or more patch stores (patches, patch size, mpp, QC counts, per slide)."""
     from simclr_path.store import store_summary
 
     echo_json(store_summary(stores))

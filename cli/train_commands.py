@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from simclr_path.cli.options import apply_view_options, view_options
+from simclr_path.cli.options import apply_view_options, exclude_qc_option, view_options
 from simclr_path.cli.output import echo_json
 
 
@@ -58,11 +58,13 @@ Examples:
 @click.option("--mixed-mpp", is_flag=True, default=None, help="Allow stores of different resolutions in one run (all are recorded).")
 @click.option("--allow-config-change", is_flag=True, default=None,
               help="Resume even though a training setting differs from the checkpoint's (recorded in the run folder).")
+@exclude_qc_option(default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @view_options
 def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, warmup_epochs, optimizer, input_scale,
              backbone, pretrained, workers, device, seed, max_steps, checkpoint_every, compile_, bf16, augment,
-             tensorboard, gpus, nproc, chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, quiet, **views):
+             tensorboard, gpus, nproc, chunk, eval_labeled, eval_every, mixed_mpp, allow_config_change, exclude_qc, quiet,
+             **views):
     """Pretrain a timm backbone with SimCLR on one or more patch stores.
 
     --batch is the global batch, split over processes. Under torchrun or srun the ranks come from
@@ -88,7 +90,8 @@ def pretrain(stores, out, config, batch, epochs, lr, temperature, weight_decay, 
                           input_scale=input_scale, mixed_mpp=mixed_mpp, allow_config_change=allow_config_change,
                           backbone=backbone, pretrained=pretrained, workers=workers, device=device, seed=seed,
                           max_steps=max_steps, checkpoint_every=checkpoint_every, compile=compile_, bf16=bf16, augment=augment,
-                          tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every)
+                          tensorboard=tensorboard or None, chunk=chunk, eval_labeled=eval_labeled, eval_every=eval_every,
+                          exclude_qc=exclude_qc)
     cfg = apply_view_options(cfg, **views)
     summary = run_pretrain(list(stores), out, cfg, nproc=gpus or nproc or 1, progress=not quiet)
     if summary is not None:  # rank 0 only

@@ -38,3 +38,33 @@ def write_slide(path, image: np.ndarray, mpp: float | None = 0.25, levels: int =
                      subfiletype=0 if i == 0 else 1, **extra)
             level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2), interpolation=cv2.INTER_AREA)
     return str(path)
+
+
+def he_texture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Tissue everywhere: eosin-pink stroma with haematoxylin nuclei (hard-edged discs) and noise."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = (215, 140, 190)
+    img = np.clip(img.astype(np.int16) + rng.integers(-12, 12, size=img.shape), 0, 255).astype(np.uint8)
+    for x, y in rng.integers(0, [width, height], size=(width * height // 250, 2)):
+        cv2.circle(img, (int(x), int(y)), int(rng.integers(2, 5)), (110, 50, 150), -1)
+    return img
+
+
+#: Known artefacts painted by :func:`qc_slide_image`, as level-0 boxes (x0, y0, x1, y1).
+QC_BOXES = {"pen": (0, 256, 1536, 512), "blur": (768, 768, 1280, 1280), "fold": (128, 896, 512, 1280)}
+
+
+def qc_slide_image(seed: int = 0) -> np.ndarray:
+    """A 1536 x 1536 tissue image with a blue ink band, a blurred square and a folded square at
+    :data:`QC_BOXES` (at 0.5 um/px and 128 px patches: 2 rows of ink, 4 x 4 blurred, 3 x 3 folded)."""
+    img = he_texture(1536, 1536, seed)
+    x0, y0, x1, y1 = QC_BOXES["pen"]
+    ink = np.array([35, 60, 160], np.float32) / 255.0
+    img[y0:y1, x0:x1] = (img[y0:y1, x0:x1].astype(np.float32) * ink).astype(np.uint8)
+    x0, y0, x1, y1 = QC_BOXES["blur"]
+    img[y0:y1, x0:x1] = cv2.GaussianBlur(img, (0, 0), 3.0)[y0:y1, x0:x1]
+    x0, y0, x1, y1 = QC_BOXES["fold"]
+    other = np.roll(img, (37, 53), axis=(0, 1))
+    img[y0:y1, x0:x1] = (img[y0:y1, x0:x1].astype(np.float32) * other[y0:y1, x0:x1] / 255.0).astype(np.uint8)
+    return img

@@ -24,6 +24,10 @@ the encoder and stores of the last complete run. ``features.h5`` is rebuilt at t
 slide from the per-slide files (temporary name, then rename); it is left as it is when it
 already holds exactly these slides for this encoder.
 
+QC: patches that tiling flagged for an ``exclude_qc`` reason (``--exclude-qc``, default pen and
+blur) are not embedded; a slide's files hold the others (features and their coords), and which
+ones is part of the slide's key, so changing ``--exclude-qc`` recomputes the slides it changes.
+
 Files are named by slide key (:class:`~simclr_path.store.PatchStore`): two stores with a slide of
 the same name (two ingested folders with the same classes) give ``<slide>-<store file stem>`` for
 each; ``slide_names`` in ``features.h5`` lists the per-slide file names.
@@ -60,10 +64,15 @@ class _Slide:
     start: int  # patch indices in the PatchStore
     end: int
     key: str  # what its patches are; a changed key means recompute
+    rows: np.ndarray | None = None  # the patches embedded (indices into the slide) when QC leaves some out
 
     @property
     def n(self) -> int:
-        return self.end - self.start
+        return self.end - self.start if self.rows is None else len(self.rows)
+
+    def indices(self):
+        """PatchStore indices of the patches embedded, in store order."""
+        return range(self.start, self.end) if self.rows is None else (self.start + self.rows).tolist()
 
 
 def _plain(value):
@@ -94,6 +103,7 @@ def _slide_key(spec: list, group: h5py.Group) -> str:
 def _slides(store: PatchStore) -> list[_Slide]:
     """Every slide with patches, in store order, with its output name and key."""
     ranges = iter(store.slide_ranges())
+    included = store.included()
     slides = []
     for path, attrs in zip(store.paths, store.attrs):
         spec = [(k, _plain(attrs.get(k))) for k in (*SPEC_KEYS, "jpeg_quality")]
@@ -105,7 +115,13 @@ def _slides(store: PatchStore) -> list[_Slide]:
                 key, start, end = next(ranges, (None, 0, 0))
                 if key is None or store.slide_source(key)[1] != name or end - start != n:
                     raise SimclrPathError(f"{path}: the store changed while being read; rerun when it is complete")
-                slides.append(_Slide(name, key, os.path.abspath(path), start, end, _slide_key(spec, group)))
+                key_digest, rows = _slide_key(spec, group), None
+                if not included[start:end].all():  # --exclude-qc leaves some out: which ones is part of the key
+                    rows = np.flatnonzero(included[start:end]).astype(np.int64)
+                    key_digest = hashlib.sha256(key_digest.encode() + rows.tobytes()).hexdigest()
+                    if len(rows) == 0:  # every patch left out: no files for this slide
+                        continue
+                slides.append(_Slide(name, key, os.path.abspath(path), start, end, key_digest, rows))
     return slides
 
 
@@ -157,8 +173,9 @@ class _SlideBatches:
 
     def __iter__(self):
         for s in self.slides:
-            for first in range(s.start, s.end, self.batch_size):
-                yield list(range(first, min(first + self.batch_size, s.end)))
+            indices = s.indices()
+            for first in range(0, s.n, self.batch_size):
+                yield list(indices[first:first + self.batch_size])
 
     def __len__(self) -> int:
         return sum(-(-s.n // self.batch_size) for s in self.slides)
@@ -188,7 +205,8 @@ class _SlideWriter:
         s = self.slide
         with open_h5(s.store, "r") as f:
             group = f[SLIDES][s.name]
-            coords = self.file.create_dataset("coords", data=group["coords"][()])
+            all_coords = group["coords"][()]
+            coords = self.file.create_dataset("coords", data=all_coords if s.rows is None else all_coords[s.rows])
             coords.attrs.update(dict(group["coords"].attrs))
             source_path = str(group.attrs.get("source_path", ""))
         self.file.attrs.update({**attrs, "slide": s.name, "source_path": source_path, "store": s.store,
@@ -269,10 +287,12 @@ def _write_failed(out_dir: str, exc: OSError) -> SimclrPathError:
 
 
 def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str = "auto", batch_size: int = 256,
-                 workers: int = 2, progress=None, reporter=None) -> dict:
+                 workers: int = 2, exclude_qc=(), progress=None, reporter=None) -> dict:
     """Embed every patch of ``stores`` into ``out_dir``, resuming a previous run; returns the summary.
 
     Args:
+        exclude_qc: tiling QC reasons whose patches are not embedded (``"pen,blur"``; see
+            :class:`~simclr_path.store.reader.PatchStore`); the per-slide files then hold the others.
         progress: called with the number of patches after each batch is written.
         reporter: a :class:`~simclr_path.runtime.console.Reporter` for the stderr progress bar.
     """
@@ -290,7 +310,7 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
     dev = resolve_device(device)
     model, meta = load_encoder(encoder_path)
     encoder_sha = file_sha256(encoder_path)
-    store = PatchStore(stores)
+    store = PatchStore(stores, exclude_qc=exclude_qc)
     if len(store) == 0:
         raise SimclrPathError(f"{', '.join(stores)}: no patches to embed")
     slides = _slides(store)
@@ -341,7 +361,9 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
     seconds = time.perf_counter() - started
     embedded = sum(s.n for s in todo)
     return {"out": os.path.abspath(out_dir), "slides": len(slides), "slides_embedded": len(todo),
-            "slides_skipped": skipped, "patches": len(store), "patches_embedded": embedded, "feature_dim": int(dim),
+            "slides_skipped": skipped, "patches": sum(s.n for s in slides),
+            "patches_excluded_qc": len(store) - sum(s.n for s in slides), "patches_embedded": embedded,
+            "feature_dim": int(dim),
             "timm_model": meta["timm_model"], "device": str(dev), "seconds": round(seconds, 3)}
 
 

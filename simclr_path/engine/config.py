@@ -107,6 +107,7 @@ class RunConfig:
     eval_max_per_class: int = 250  # patches per class used by the check
     mixed_mpp: bool = False  # allow stores of different resolutions in one run
     allow_config_change: bool = False  # resume even when a training setting differs (recorded)
+    exclude_qc: str = "pen,blur"  # QC reasons whose patches are left out (comma list; "none": keep all)
 
 
 @dataclass
@@ -240,6 +241,7 @@ def apply_overrides(cfg: PretrainConfig, **overrides) -> PretrainConfig:
         "eval_labeled": "run", "eval_every": "run", "weight_decay": "optim", "warmup_epochs": "optim",
         "optimizer": "optim", "mixed_mpp": "run", "allow_config_change": "run", "bf16": "run",
         "augment": "run",
+        "exclude_qc": "run",
     }
     for key, value in overrides.items():
         if value is None:

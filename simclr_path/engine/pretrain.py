@@ -313,7 +313,7 @@ def preflight(stores: list[str], cfg: PretrainConfig, world: int) -> PatchStore:
         raise SimclrPathError(
             f"--batch {cfg.optim.global_batch} does not divide over {world} processes; use a multiple of {world}"
         )
-    store = PatchStore(stores)
+    store = PatchStore(stores, exclude_qc=cfg.run.exclude_qc)
     _check_data(store, cfg, stores)
     return store
 
@@ -354,7 +354,8 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
 
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    dataset = PatchDataset(store, seed=cfg.run.seed) if on_device else TwoViewDataset(store, cfg.views, seed=cfg.run.seed)
+    kept = store.kept()  # without --exclude-qc's patches
+    dataset = PatchDataset(kept, seed=cfg.run.seed) if on_device else TwoViewDataset(kept, cfg.views, seed=cfg.run.seed)
     steps_per_epoch = RunSampler(len(dataset), world, rank, cfg.run.seed, per_rank_batch, cfg.optim.epochs).steps_per_epoch
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -395,6 +396,12 @@ def resume(run: Run, ckpt: dict | None) -> None:
     if ckpt is not None:
         saved = upgrade_config_dict(ckpt["config"], run.checkpoint_path, quiet=True)
         saved_batch = saved["optim"]["global_batch"]
+        saved_exclude = saved.get("run", {}).get("exclude_qc", "pen,blur")  # older runs had the default
+        if saved_exclude != cfg.run.exclude_qc:  # another set of patches: the data position means nothing
+            raise SimclrPathError(
+                f"{run.checkpoint_path}: this run was started with --exclude-qc {saved_exclude}, not "
+                f"{cfg.run.exclude_qc}; resume with --exclude-qc {saved_exclude} or use a new --out"
+            )
         if ckpt.get("total_steps", run.total_steps) != run.total_steps or saved_batch != cfg.optim.global_batch:
             store_change = _store_change(ckpt.get("store") or {}, run)
             if store_change:
@@ -455,7 +462,7 @@ def check_resumed_settings(run: Run, saved: dict, step: int) -> None:
 def describe(run: Run) -> str:
     """The one line logged at the start of a run."""
     cfg = run.cfg
-    return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.store)} patches, global batch "
+    return (f"{cfg.model.backbone} on {run.world} x {run.device.type}, {len(run.dataset)} patches, global batch "
             f"{cfg.optim.global_batch} = {run.world} x {run.per_rank_batch}: "
             f"{run.loss_fn.negatives_per_anchor(cfg.optim.global_batch)} negatives per anchor, "
             f"{run.steps_per_epoch} steps/epoch, lr {run.lr:.4g}, {_precision_text(run)}, "
@@ -517,6 +524,10 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
     names = ", ".join(stores)
     if len(store) == 0:
         raise SimclrPathError(f"{names}: the store holds no patches; tile slides with tissue first")
+    kept = int(store.included().sum())
+    if kept == 0:
+        raise SimclrPathError(f"{names}: every patch is flagged {','.join(store.exclude_qc)} by tiling QC; "
+                              "check the tiling preview, or pass --exclude-qc none")
     if cfg.views.image_size > store.patch_size:
         raise SimclrPathError(
             f"--image-size {cfg.views.image_size} is larger than the {store.patch_size} px patches in {names}; "
@@ -529,9 +540,9 @@ def _check_data(store: PatchStore, cfg: PretrainConfig, stores: list[str]) -> No
             f"stores of different resolutions in one run ({listed}); re-tile them at one --mpp, or pass --mixed-mpp "
             "if mixing is on purpose"
         )
-    if cfg.optim.global_batch > len(store):
+    if cfg.optim.global_batch > kept:
         raise SimclrPathError(
-            f"--batch {cfg.optim.global_batch} is larger than the {len(store)} patches in {names}; lower --batch"
+            f"--batch {cfg.optim.global_batch} is larger than the {kept} patches in {names}; lower --batch"
         )
 
 
@@ -606,4 +617,6 @@ def _store_meta(store: PatchStore) -> dict:
         "resolutions": [{"path": os.path.abspath(path), "target_mpp": mpp, "magnification": magnification}
                         for path, (mpp, magnification) in store_resolutions(store).items()],
         "patches": len(store),
+        "exclude_qc": list(store.exclude_qc),
+        "patches_used": int(store.included().sum()),
     }

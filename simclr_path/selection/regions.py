@@ -7,7 +7,8 @@ grid cell ``(round(x / step0), round(y / step0))``.
 
 A region is a block of K x K grid cells, the blocks aligned to multiples of K and never
 overlapping. A block is a region when at least half of its K * K cells hold a stored (tissue)
-patch: ``2 * stored >= K * K``. Blocks at the slide's edge count their cells outside the slide as
+patch: ``2 * stored >= K * K``. A patch the store's ``exclude_qc`` leaves out (tiling QC: pen ink,
+blur) counts as an empty cell and is no member of any region. Blocks at the slide's edge count their cells outside the slide as
 empty, so a mostly-cut-off block is not proposed. With K = 1 every patch is a region.
 
 A region's box in level-0 pixels starts at the block's origin ``(bx * K * step0, by * K * step0)``
@@ -101,8 +102,13 @@ def build_regions(store: PatchStore, size: int) -> Regions:
         raise SimclrPathError(f"--region-size must be >= 1 patch, got {size}")
     columns = {k: [] for k in ("slide", "x", "y", "width", "height", "area_um2", "counts", "members")}
     slides = []
+    included = store.included()
     for number, (grid, coords) in enumerate(_slide_grids(store)):
         slides.append(grid)
+        local = np.flatnonzero(included[grid.start:grid.end])  # patches QC leaves out are empty cells
+        if len(local) == 0:
+            continue
+        coords = coords[local]
         cells = np.rint(coords / grid.step0).astype(np.int64)
         blocks = cells // size
         cell_columns, block_columns = int(cells[:, 0].max()) + 1, int(blocks[:, 0].max()) + 1
@@ -125,7 +131,7 @@ def build_regions(store: PatchStore, size: int) -> Regions:
         columns["height"].append(np.full(n_kept, side, dtype=np.int64))
         columns["area_um2"].append(np.full(n_kept, side * side * grid.level0_mpp ** 2, dtype=np.float64))
         columns["counts"].append(counts[kept])
-        columns["members"].append(grid.start + order[kept[block_of_patch[order]]])
+        columns["members"].append(grid.start + local[order[kept[block_of_patch[order]]]])
     if not slides:
         raise SimclrPathError(f"{', '.join(store.paths)}: no patches; tile slides into the store first")
     counts = np.concatenate(columns.pop("counts"))

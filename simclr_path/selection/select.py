@@ -41,7 +41,7 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
                                   strategy: str = "kcenter", features_dir: str | None = None,
                                   model: str | None = None, annotated: str | None = None, pool: int | None = None,
                                   seed: int = 0, device: str = "auto", batch_size: int = 128, workers: int = 2,
-                                  reporter: Reporter | None = None, mask_format: str = "auto") -> dict:
+                                  exclude_qc=(), reporter: Reporter | None = None, mask_format: str = "auto") -> dict:
     """Propose ``budget`` regions of ``stores`` to annotate next and write them into ``out``.
 
     Args:
@@ -63,6 +63,8 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
         seed: ``random``'s seed.
         device, batch_size, workers: for running the encoder or the segmentation model (which gets
             at most :data:`SEGMENT_BATCH` patches a batch).
+        exclude_qc: tiling QC reasons whose patches are left out of every region (``"pen,blur"``; see
+            :class:`~simclr_path.store.reader.PatchStore`).
         reporter: progress on stderr (default: none).
 
     Returns:
@@ -71,7 +73,7 @@ def select_regions_for_annotation(encoder: str, stores: list[str], out: str, *, 
     started = time.perf_counter()
     reporter = reporter or Reporter(enabled=False)
     _check_options(encoder, out, budget, region_size, strategy, features_dir, model, annotated, batch_size, workers)
-    store = PatchStore(stores)
+    store = PatchStore(stores, exclude_qc=exclude_qc)
     try:
         regions = build_regions(store, region_size)
         is_annotated = (annotated_regions(annotated, regions, log=reporter.log, mask_format=mask_format) if annotated

@@ -3,12 +3,15 @@
 Layout (schema 1)::
 
     /                       attrs: format, schema_version, tool_version, patch_size, target_mpp,
-                                   magnification, stride, min_tissue, codec, jpeg_quality
+                                   magnification, stride, min_tissue, codec, jpeg_quality, qc
     /slides/<name>/         attrs: source_path, fingerprint, vendor, width, height, level0_mpp,
                                    mpp_source, objective_power, patch_level, scale, num_patches
     /slides/<name>/coords           (N, 2) int64, level-0 top-left (x, y); CLAM/TRIDENT attrs
     /slides/<name>/tissue_fraction  (N,) float32
     /slides/<name>/patches          jpeg: (N,) variable-length uint8; raw: (N, P, P, 3) uint8
+    /slides/<name>/qc_scores        (N, K) float32, attr ``names``: the K score names (tiled with QC)
+    /slides/<name>/qc_flags         (N,) uint8 bitmask, attr ``reasons``: bit i is reason i (tiled
+                                    with QC); slide attrs ``qc_<reason>`` count the patches per reason
     /_staging/<name>/       a slide being written; never read, removed when a run starts
 
 A slide is written under ``/_staging`` and moved to ``/slides`` in one small metadata operation
@@ -46,6 +49,39 @@ SLIDES = "slides"
 STAGING = "_staging"
 #: Root attributes that must match for a run to add slides to an existing store.
 SPEC_KEYS = ("patch_size", "target_mpp", "magnification", "stride", "min_tissue", "codec")
+#: Root attribute "on"/"off": whether ``tile`` measured QC; must match too, but is absent from
+#: stores tiled before QC existed, which then take slides tiled either way.
+QC_KEY = "qc"
+
+#: QC reasons a patch can be flagged for, in bit order of ``qc_flags`` (bit i = 1 << i). New
+#: reasons are only ever appended, so a stored bit keeps its meaning; readers map names through the
+#: dataset's own ``reasons`` attribute.
+QC_REASONS = ("pen", "blur", "fold")
+#: What ``pretrain``, ``embed`` and ``select`` leave out unless told otherwise.
+DEFAULT_EXCLUDE_QC = ("pen", "blur")
+
+
+def qc_bit(reason: str) -> int:
+    """The ``qc_flags`` bit of ``reason``."""
+    return 1 << QC_REASONS.index(reason)
+
+
+def parse_exclude_qc(value) -> tuple[str, ...]:
+    """``--exclude-qc`` as a tuple of reasons: a comma list (``"pen,blur"``), ``"none"`` or ``""``
+    for nothing, or an iterable of names. An unknown name is a one-line error listing the known."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in QC_REASONS]
+    if unknown:
+        raise SimclrPathError(
+            f"--exclude-qc: unknown QC reason {unknown[0]!r}; give a comma list of {', '.join(QC_REASONS)}, "
+            "or 'none'"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 T = TypeVar("T")

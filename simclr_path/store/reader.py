@@ -13,7 +13,8 @@ import numpy as np
 from simclr_path.errors import SimclrPathError
 from simclr_path.store.codecs import read_patch
 from simclr_path.store.format import (
-    SLIDES, TRANSIENT, TornRead, check_slide, jsonable, open_h5, read_store, retrying,
+    QC_REASONS, SLIDES, TRANSIENT, TornRead, check_slide, jsonable, open_h5, parse_exclude_qc, qc_bit, read_store,
+    retrying,
 )
 
 
@@ -33,11 +34,25 @@ class PatchStore:
     A store that ``simclr-path tile`` is still writing can be read: a ``PatchStore`` holds the
     slides that were complete when it was created (slides are never changed once complete).
 
+    QC: indices always cover every stored patch, flagged or not, so an index (and ``coords``,
+    ``slide_ranges``) means the same patch whatever is excluded. ``exclude_qc`` names the QC
+    reasons to leave out; :meth:`included` / :meth:`indices` / :meth:`kept` give the patches left.
+    Slides tiled without QC (and stores older than QC) count as clean.
+
     Args:
         paths: one store path or several; several are concatenated in the order given.
+        exclude_qc: QC reasons to leave out, e.g. ``("pen", "blur")`` or ``"pen,blur"`` (default:
+            none; the commands default to :data:`~simclr_path.store.format.DEFAULT_EXCLUDE_QC`).
+
+    Example::
+
+        store = PatchStore("patches.h5", exclude_qc=("pen", "blur"))
+        train_set = store.kept()          # only patches without pen ink or blur
+        store.qc_flags()[:5]              # bitmask per patch, bit i = QC_REASONS[i]
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], exclude_qc=()):
+        self.exclude_qc = parse_exclude_qc(exclude_qc)
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [str(p) for p in paths]
@@ -70,6 +85,7 @@ class PatchStore:
         # each slide's key, unique over the stores and independent of their order (class docstring)
         self._keys = slide_keys([(self.paths[p], name) for p, name in self._slides])
         self._key_index = {key: i for i, key in enumerate(self._keys)}
+        self._qc_flags: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -152,6 +168,36 @@ class PatchStore:
         x, y = self._read(slide, lambda: self._group(slide)["coords"][local])
         return self._keys[slide], int(x), int(y)
 
+    def qc_flags(self) -> np.ndarray:
+        """(len(self),) uint8 QC bitmask of every patch, bit ``i`` = ``QC_REASONS[i]``; 0 for
+        patches of slides tiled without QC. Read once (one byte per patch)."""
+        if self._qc_flags is None:
+            flags = np.zeros(len(self), dtype=np.uint8)
+            for slide in range(len(self._slides)):
+                start, end = self._offsets[slide], self._offsets[slide + 1]
+                flags[start:end] = self._read(slide, lambda slide=slide: _slide_qc_flags(self._group(slide)))
+            self._qc_flags = flags
+        return self._qc_flags
+
+    def included(self) -> np.ndarray:
+        """(len(self),) bool: the patch has none of the ``exclude_qc`` reasons."""
+        mask = 0
+        for reason in self.exclude_qc:
+            mask |= qc_bit(reason)
+        if not mask:
+            return np.ones(len(self), dtype=bool)
+        return (self.qc_flags() & mask) == 0
+
+    def indices(self) -> np.ndarray:
+        """int64 indices of the included patches, ascending."""
+        return np.flatnonzero(self.included()).astype(np.int64)
+
+    def kept(self) -> "PatchStore | PatchSubset":
+        """The included patches as a dataset: this store when nothing is left out, else a
+        :class:`PatchSubset`."""
+        indices = self.indices()
+        return self if len(indices) == len(self) else PatchSubset(self, indices)
+
     def label(self, index: int) -> int:
         """Class label of a patch from an ingested labelled folder; -1 when unlabelled."""
         slide, local = self._locate(int(index))
@@ -192,6 +238,33 @@ class PatchSubset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.store[self.indices[i]]
+
+
+def _slide_qc_flags(group: h5py.Group) -> np.ndarray:
+    """A slide's ``qc_flags`` in this version's bit order (mapped by the dataset's ``reasons``
+    attribute; a reason this version does not know is dropped); zeros when it has none."""
+    n = int(group["patches"].shape[0])
+    if "qc_flags" not in group:
+        return np.zeros(n, dtype=np.uint8)
+    dataset = group["qc_flags"]
+    stored = dataset[()].astype(np.uint8)
+    if len(stored) != n:
+        raise TornRead(f"qc_flags: {len(stored)} entries for {n} patches")
+    names = [str(r) for r in dataset.attrs.get("reasons", QC_REASONS)]
+    if tuple(names) == QC_REASONS[: len(names)]:
+        return stored
+    flags = np.zeros(n, dtype=np.uint8)
+    for bit, name in enumerate(names):
+        if name in QC_REASONS:
+            flags[(stored >> bit) & 1 == 1] |= qc_bit(name)
+    return flags
+
+
+def _qc_counts(flags: np.ndarray) -> dict:
+    """Patches per QC reason, and ``clean`` (no reason)."""
+    out = {reason: int(np.count_nonzero(flags & qc_bit(reason))) for reason in QC_REASONS}
+    out["clean"] = int(np.count_nonzero(flags == 0))
+    return out
 
 
 def output_name(name: str, store_path: str, used: set[str], qualify: bool = False) -> str:
@@ -257,8 +330,11 @@ def _summary(f: h5py.File, path: str) -> dict:
                 "mpp_source": str(a.get("mpp_source")),
                 "patch_level": int(a.get("patch_level", 0)),
                 "source_path": str(a.get("source_path")),
+                "qc": _qc_counts(_slide_qc_flags(g)) if "qc_flags" in g else None,
             }
         )
+    measured = [s["qc"] for s in slides if s["qc"] is not None]
+    qc_total = {key: sum(c[key] for c in measured) for key in (*QC_REASONS, "clean")} if measured else None
     return {
         "path": path,
         "patches": sum(s["patches"] for s in slides),
@@ -266,5 +342,6 @@ def _summary(f: h5py.File, path: str) -> dict:
         "target_mpp": jsonable(f.attrs.get("target_mpp")),
         "magnification": jsonable(f.attrs.get("magnification")),
         "codec": str(f.attrs["codec"]),
+        "qc": qc_total,
         "slides": slides,
     }

@@ -19,7 +19,9 @@ import numpy as np
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.console import log
-from simclr_path.store.format import FORMAT, SCHEMA_VERSION, SLIDES, SPEC_KEYS, STAGING, check_is_store, open_h5
+from simclr_path.store.format import (
+    FORMAT, QC_KEY, SCHEMA_VERSION, SLIDES, SPEC_KEYS, STAGING, check_is_store, open_h5,
+)
 
 
 #: What HDF5 raises on metadata an interrupted writer left inconsistent ("addr overflow", bad heap).
@@ -123,7 +125,7 @@ class StoreWriter:
             raise SimclrPathError(f"{self.path}: cannot create the store ({exc.strerror or exc})") from None
 
     def _check_spec(self, f: h5py.File, spec_attrs: dict) -> None:
-        for key in SPEC_KEYS:
+        for key in (*SPEC_KEYS, QC_KEY):
             have, want = f.attrs.get(key), spec_attrs.get(key)
             if have is not None and want is not None and not _same(have, want):
                 raise SimclrPathError(

@@ -36,6 +36,8 @@ class TileSpec:
         min_tissue: smallest tissue fraction for a patch to be kept, in [0, 1] (default 0.5).
         codec: pixel codec of the store, ``"jpeg"`` or ``"raw"``.
         jpeg_quality: JPEG quality for the ``jpeg`` codec (default 90).
+        qc: measure and flag pen ink, blur and folds per patch (:mod:`simclr_path.wsi.qc`;
+            default True). Stored as the root attribute ``qc`` = ``"on"``/``"off"``.
     """
 
     target_mpp: float | None = 0.5
@@ -45,6 +47,7 @@ class TileSpec:
     min_tissue: float = 0.5
     codec: str = "jpeg"
     jpeg_quality: int = 90
+    qc: bool = True
 
     def __post_init__(self):
         if (self.target_mpp is None) == (self.magnification is None):
@@ -72,7 +75,9 @@ class TileSpec:
 
     def as_attrs(self) -> dict:
         """Root attributes of a store; ``None`` becomes NaN (HDF5 has no null)."""
-        return {k: (math.nan if v is None else v) for k, v in asdict(self).items()}
+        attrs = {k: (math.nan if v is None else v) for k, v in asdict(self).items()}
+        attrs["qc"] = "on" if self.qc else "off"
+        return attrs
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from simclr_path.errors import SlideError, first_line
 from simclr_path.store.codecs import encode_patches
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.preview import legend_text, write_preview
+from simclr_path.wsi.qc import SCORE_NAMES, patch_scores
 from simclr_path.wsi.slide import SlideMeta, fingerprint, open_slide, read_meta, read_rgb
 from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 
@@ -100,6 +101,7 @@ class SlidePlan:
     tissue_fraction: np.ndarray  # (N,) float32
     grid_cells: np.ndarray  # (N, 2) int64 (row, col) of kept patches in the full grid
     grid_total: int  # patches in the full grid before tissue filtering
+    mask: np.ndarray | None = None  # tissue mask, kept for a preview drawn once QC flags are known
 
 
 def prepare_slide(
@@ -129,7 +131,9 @@ def prepare_slide(
     flat = np.flatnonzero(keep)
     cells = np.stack([flat // max(n_cols, 1), flat % max(n_cols, 1)], axis=1).astype(np.int64)
     result = SlidePlan(meta, plan, coords[keep], fractions[keep], cells, int(len(coords)))
-    if preview_dir:
+    if preview_dir and spec.qc and len(result.coords):  # the tiler draws it once QC flags are known
+        result.mask = mask
+    elif preview_dir:
         legend = legend_text(preview_name, meta.mpp, plan.target_mpp, plan.patch_size, len(result.coords),
                              result.grid_total)
         write_preview(os.path.join(preview_dir, f"{preview_name}.png"), slide, mask, result.coords,
@@ -172,7 +176,11 @@ def split_runs(coords: np.ndarray, step_level0: float) -> list[slice]:
 
 
 def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
-    """Read each row run of ``coords`` as one strip, then cut, resize and encode its patches."""
+    """Read each row run of ``coords`` as one strip, then cut, resize and encode its patches.
+
+    Returns ``(encoded patches, QC scores)``: the scores are an (N, K) float32 array of
+    :func:`~simclr_path.wsi.qc.patch_scores` on the stored pixels, or None when ``spec.qc`` is off.
+    """
     ds, size = plan.level_downsample, plan.read_size
     patches = []
     try:
@@ -191,7 +199,10 @@ def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
         raise
     except Exception as exc:
         raise SlideError(f"{path}: cannot be read ({first_line(exc)}); re-export or remove it") from None
-    return encode_patches(patches, spec.codec, spec.jpeg_quality)
+    scores = None
+    if spec.qc:
+        scores = np.stack([patch_scores(p) for p in patches]) if patches else np.zeros((0, len(SCORE_NAMES)), np.float32)
+    return encode_patches(patches, spec.codec, spec.jpeg_quality), scores
 
 
 def read_patch_direct(slide, plan: PatchPlan, x: int, y: int) -> np.ndarray:

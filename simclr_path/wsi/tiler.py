@@ -10,6 +10,7 @@ thousands of slides on network storage that was a long, silent stall.
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import time
@@ -23,8 +24,12 @@ from simclr_path.errors import SimclrPathError, SlideError, first_line
 from simclr_path.runtime.console import Reporter
 from simclr_path.store import StoreWriter
 from simclr_path.store.codecs import create_pixel_dataset, write_patches
+from simclr_path.store.format import DEFAULT_EXCLUDE_QC, QC_REASONS
 from simclr_path.wsi.discover import slide_names
 from simclr_path.wsi.grid import TileSpec
+from simclr_path.wsi.preview import legend_text, write_preview
+from simclr_path.wsi.qc import SCORE_NAMES, QCParams, slide_flags, summarise_flags
+from simclr_path.wsi.slide import open_slide
 from simclr_path.wsi.tile_reader import (
     SlidePlan, fingerprint_slide, plan_tasks, prepare_slide, read_task, worker_init,
 )
@@ -40,6 +45,7 @@ class _Active:
     group: object
     remaining: int
     failed: str | None = None
+    scores: np.ndarray | None = None  # (N, K) QC scores, filled as tasks come back (QC on)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class TileResult:
     seconds: float = 0.0
     extract_seconds: float = 0.0  # from the first patch read to the end: the steady-state part
     failures: list[dict] = field(default_factory=list)
+    qc: dict | None = None  # slide name -> patches per QC reason, slides tiled in this run (QC on)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +78,16 @@ class TileResult:
             "patches_per_s": round(self.patches / self.seconds, 1) if self.seconds > 0 else 0.0,
             "extract_patches_per_s": round(self.patches / self.extract_seconds, 1) if self.extract_seconds > 0 else 0.0,
             "failures": self.failures,
+            "qc": None if self.qc is None else {"total": _total_counts(self.qc.values()), "slides": self.qc},
         }
+
+
+def _total_counts(counts) -> dict:
+    total: dict[str, int] = {}
+    for one in counts:
+        for key, value in one.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 class _InlineExecutor:
@@ -98,31 +114,38 @@ def tile_slides(
     fallback_mpp: float | None = None,
     mpp_table: dict[str, float] | None = None,
     preview_dir: str | None = None,
+    qc_report_dir: str | None = None,
     reporter: Reporter | None = None,
 ) -> TileResult:
     """Tile ``slides`` into the store at ``out`` and return a summary.
 
     Per-slide problems (corrupt file, missing resolution) are recorded in the result and logged;
     the other slides still finish. Problems with the store itself raise :class:`SimclrPathError`.
+    With ``spec.qc`` every patch gets QC scores and flags (:mod:`simclr_path.wsi.qc`), all patches
+    are stored, and ``qc_report_dir`` (optional) receives ``<slide>.json`` per slide tiled.
     """
     if workers < 0:
         raise SimclrPathError(f"--workers must be >= 0, got {workers}")
     if fallback_mpp is not None and not fallback_mpp > 0:
         raise SimclrPathError(f"--slide-mpp must be > 0, got {fallback_mpp}")
-    if preview_dir:
-        try:
-            os.makedirs(preview_dir, exist_ok=True)
-        except OSError as exc:
-            raise SimclrPathError(f"{preview_dir}: cannot create the preview folder ({exc.strerror})") from None
+    if qc_report_dir and not spec.qc:
+        raise SimclrPathError("--qc-report needs QC; drop --qc off or --qc-report")
+    for folder, what in ((preview_dir, "preview"), (qc_report_dir, "QC report")):
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise SimclrPathError(f"{folder}: cannot create the {what} folder ({exc.strerror})") from None
     reporter = reporter or Reporter(enabled=False)
     start = time.perf_counter()
     slides = list(dict.fromkeys(slides))  # a path given twice is one slide
-    result = TileResult(store=out, slides_total=len(slides))
+    result = TileResult(store=out, slides_total=len(slides), qc={} if spec.qc else None)
     writer = StoreWriter(out, spec.as_attrs())
     try:
         queue = _SlideQueue(slides, writer.completed(), writer.names())
         reporter.start(slides=len(slides), fingerprints=len(slides))
-        _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result)
+        _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, qc_report_dir, reporter,
+             result)
     finally:
         reporter.stop()
         writer.close()
@@ -186,7 +209,8 @@ class _SlideQueue:
         return tile, skip
 
 
-def _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, reporter, result):
+def _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_dir, qc_report_dir, reporter,
+         result):
     if workers == 0:
         executor = _InlineExecutor()
     else:
@@ -237,7 +261,8 @@ def _run(slides, queue, writer, spec, workers, fallback_mpp, mpp_table, preview_
                 elif task[0] == "prepare":
                     _on_prepared(fut, task[1], task[2], writer, spec, active, tasks, reporter, result)
                 else:
-                    _on_read(fut, task[1], task[2], writer, spec, active, reporter, result)
+                    _on_read(fut, task[1], task[2], writer, spec, active, reporter, result,
+                             (preview_dir, qc_report_dir))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         if first_task is not None:
@@ -295,23 +320,28 @@ def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result)
             f">= {spec.min_tissue:.0%} tissue); stored with 0 patches - check --min-tissue or --preview"
         )
         with _disk_errors(writer.path):
+            if spec.qc:
+                _write_qc(group, np.zeros((0, len(SCORE_NAMES)), np.float32), np.zeros(0, np.uint8))
+                result.qc[name] = summarise_flags(np.zeros(0, np.uint8))
             writer.commit(name)
         result.slides_tiled += 1
         result.slides_empty += 1
         reporter.advance_slide()
         return
     slide = _Active(path, name, sp, group, remaining=n)
+    if spec.qc:
+        slide.scores = np.full((n, len(SCORE_NAMES)), np.nan, dtype=np.float32)
     active[name] = slide
     reporter.add_patches(n)
     for indices in plan_tasks(sp):
         tasks.append((slide, indices))
 
 
-def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, result):
+def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, result, outputs=(None, None)):
     if slide.failed:
         return
     try:
-        encoded = fut.result()
+        encoded, scores = fut.result()
     except SlideError as exc:
         message = str(exc)
     except Exception as exc:
@@ -328,15 +358,76 @@ def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, resul
         dataset = slide.group["patches"]
         for offset, index in enumerate(indices):
             write_patches(dataset, int(index), encoded[offset : offset + 1], spec.codec)
+    if scores is not None:
+        slide.scores[indices] = scores
     slide.remaining -= len(indices)
     reporter.patches_done(len(indices))
     if slide.remaining == 0:
+        try:
+            with _disk_errors(writer.path):
+                counts = _finish_qc(slide, *outputs) if spec.qc else None
+        except SlideError as exc:  # its preview could not be drawn: the slide fails, as without QC
+            writer.discard(slide.name)
+            active.pop(slide.name, None)
+            _fail(result, reporter, slide.path, str(exc))
+            return
         with _disk_errors(writer.path):
             writer.commit(slide.name)
+        if counts is not None:
+            result.qc[slide.name] = counts
         active.pop(slide.name)
         result.slides_tiled += 1
         result.patches += len(slide.plan.coords)
         reporter.advance_slide()
+
+
+def _write_qc(group, scores: np.ndarray, flags: np.ndarray, stats: dict | None = None) -> dict:
+    """The slide's ``qc_scores`` and ``qc_flags`` datasets and per-reason counts as attributes."""
+    dataset = group.create_dataset("qc_scores", data=scores.astype(np.float32).reshape(-1, len(SCORE_NAMES)))
+    dataset.attrs["names"] = list(SCORE_NAMES)
+    dataset = group.create_dataset("qc_flags", data=flags.astype(np.uint8))
+    dataset.attrs["reasons"] = list(QC_REASONS)
+    counts = summarise_flags(flags)
+    group.attrs.update({f"qc_{key}": value for key, value in counts.items()})
+    group.attrs.update(QCParams().as_attrs())
+    for reason, values in (stats or {}).items():
+        for key, value in values.items():
+            group.attrs[f"qc_{reason}_{key}"] = np.nan if value is None else value
+    return counts
+
+
+def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
+    """Second QC pass once a slide is all measured: flags against the slide's own distribution,
+    stored with the scores; then the preview and the per-slide report, if asked for. Returns the
+    patches per reason."""
+    flags, stats = slide_flags(slide.scores)
+    counts = _write_qc(slide.group, slide.scores, flags, stats)
+    sp = slide.plan
+    if preview_dir and sp.mask is not None:
+        legend = legend_text(slide.name, sp.meta.mpp, sp.plan.target_mpp, sp.plan.patch_size, len(sp.coords),
+                             sp.grid_total)
+        handle = open_slide(slide.path)
+        try:
+            write_preview(os.path.join(preview_dir, f"{slide.name}.png"), handle, sp.mask, sp.coords,
+                          sp.plan.patch_size_level0, legend, flags, DEFAULT_EXCLUDE_QC)
+        finally:
+            handle.close()
+    if report_dir:
+        flagged = np.flatnonzero(flags)
+        report = {
+            "slide": slide.name, "source_path": os.path.abspath(slide.path), "patches": len(flags),
+            "counts": counts, "excluded_by_default": list(DEFAULT_EXCLUDE_QC), "slide_stats": stats,
+            "params": QCParams().as_attrs(), "score_names": list(SCORE_NAMES),
+            "flagged": [{"x": int(sp.coords[i, 0]), "y": int(sp.coords[i, 1]),
+                         "reasons": [r for b, r in enumerate(QC_REASONS) if flags[i] >> b & 1],
+                         "scores": [None if not np.isfinite(v) else round(float(v), 5) for v in slide.scores[i]]}
+                        for i in flagged],
+        }
+        tmp = os.path.join(report_dir, f"{slide.name}.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=1)
+        os.replace(tmp, os.path.join(report_dir, f"{slide.name}.json"))
+    return counts
 
 
 def _write_slide_header(group, sp: SlidePlan, spec: TileSpec, name: str) -> None:
