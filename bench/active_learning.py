@@ -20,6 +20,18 @@ commands make (``tile``, ``pretrain``/``export`` as subprocesses; ``select``, ``
    the mean and the paired difference,
    random-init encoder (``timm:resnet18``) against ours, and 100% labelled (full masks).
 
+With ``--compare-init``, instead of the above: our encoder against a random-init encoder, both fine-tuned
+the same way, for each pretraining budget in ``--pretrain-steps`` (optimiser steps of the ``small``
+preset at batch 128, rounded to whole epochs of the store; each budget's encoder cached in the work
+folder by its settings; budgets are steps, never seconds, so a busy machine changes wall times only).
+Labels: k-center ``select`` (regions of ``--region-size``), done once per fraction with the FIRST
+budget's encoder and used by every arm and every budget, so the two arms of a pair and the budgets
+see the same labelled pixels; 100% is the full masks. Each (fraction, seed) trains ours and
+random init (``timm:resnet18``, encoder lr x1.0 as ``segment`` sets it) for ``--steps`` steps with
+``--seeds`` (the seed sets the decoder's init, a random encoder's init and the batches). One table
+per budget: ours and random init (mean ± std over seeds), ours - random init per seed and its mean,
+and each arm's steps and wall time. The random-init arm does not depend on the budget: it is run once.
+
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
 over all test pixels (``overall``). Training runs compared with each other have the same budget:
 ``--steps`` optimiser steps of ``--batch`` labelled patches, except the FixMatch comparison, whose
@@ -29,8 +41,11 @@ unlabelled pixels by step 400.
 
 Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--ssl-steps 1000]
        [--fractions 1 2 5 10 20]
-       [--quick]   # a 3-minute smoke run: two fractions, 20 steps
-Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png.
+       [--quick]   # a smoke run: two fractions, 10 steps, 2 test images
+       python bench/active_learning.py --compare-init [--fractions 5 10 100] [--seeds 0 1 2]
+       [--pretrain-steps 874 3496] [--steps 400] [--quick]
+Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png
+(--compare-init: one table per budget; WORK/compare_init.json).
 """
 
 from __future__ import annotations
@@ -51,9 +66,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from simclr_path.downstream.encoder import read_encoder  # noqa: E402
 from simclr_path.segment.config import SegmentConfig  # noqa: E402
 from simclr_path.segment.evaluate import evaluate_segmentation  # noqa: E402
 from simclr_path.segment.labels import IGNORE  # noqa: E402
+from simclr_path.segment.model import matched_image_size  # noqa: E402
 from simclr_path.segment.train import train_segmentation  # noqa: E402
 from simclr_path.selection.regions import build_regions  # noqa: E402
 from simclr_path.selection.select import select_regions_for_annotation  # noqa: E402
@@ -63,6 +80,8 @@ GLAS = ROOT.parent / "shared" / "data" / "segmentation" / "glas"
 GLAS_MPP = 0.62
 CLASSES = ["background", "gland"]
 SIMCLR_PATH = [sys.executable, "-m", "simclr_path"]
+PRETRAIN_BATCH = 128  # --compare-init's pretraining batch, as bench/quality.py's 15-minute budget
+RANDOM_INIT = "timm:resnet18"
 
 
 def log(message: str) -> None:
@@ -85,6 +104,8 @@ def prepare(work: Path, args) -> dict:
     """Store of the training images, class-index masks, the test set; cached in ``work``."""
     train_names = sorted(p.stem for p in (GLAS / "images").glob("train_*.jpg"))
     test_names = sorted(p.stem for p in (GLAS / "images").glob("test*.jpg"))
+    if args.quick:  # a smoke run scores on 2 test images: scoring all 80 costs far more than its training
+        test_names = test_names[::40]
     store = work / "train.h5"
     if not store.exists():
         log(f"tiling {len(train_names)} training images -> {store}")
@@ -150,11 +171,12 @@ def labelled_fraction(labels_dir: Path, masks: Path, names: list[str]) -> float:
 
 
 def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none",
-                    seed: int | None = None, steps: int | None = None) -> dict:
-    """``segment`` for ``steps`` (default ``args.steps``) steps, then ``segment-eval`` on testA + testB."""
+                    seed: int | None = None, steps: int | None = None, image_size: int | None = None) -> dict:
+    """``segment`` for ``steps`` (default ``args.steps``) steps, then ``segment-eval`` on testA + testB.
+    ``image_size``: the network input side (default: ``segment``'s, matched to the encoder)."""
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, ssl=ssl,
-                            steps=args.steps if steps is None else steps,
+                            steps=args.steps if steps is None else steps, image_size=image_size,
                             threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed,
                             log_every=50, checkpoint_every=10_000, device=args.device)
         started = time.perf_counter()
@@ -163,7 +185,7 @@ def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, a
         scored = evaluate_segmentation(str(run), images_dir=str(data["test_images"]), masks_dir=str(data["test_masks"]),
                                        mpp=GLAS_MPP, device=args.device, workers=args.workers)
         result = {"steps": trained["step"], "labelled_patches": trained["labelled_patches"],
-                  "train_s": round(seconds, 1),
+                  "train_s": round(seconds, 1), "eval_s": round(time.perf_counter() - started - seconds, 1),
                   "dice": scored["mean_per_image"]["dice"]["gland"],
                   "dice_pooled": scored["overall"]["dice"]["gland"]}
         (run / "score.json").write_text(json.dumps(result))
@@ -210,6 +232,124 @@ def active_learning(work: Path, data: dict, enc: Path, strategy: str, args, tota
     return rows
 
 
+def budget_encoder(work: Path, data: dict, steps: int, args) -> tuple[Path, dict] | None:
+    """Our ``small`` encoder pretrained for about ``steps`` optimiser steps (whole epochs of the store,
+    so the cosine schedule ends where training does), exported; cached in ``work`` by its settings
+    with a record of the steps trained and the wall time of the pretraining (``pretrain`` resumes a
+    run folder that an interrupted benchmark left, and then times only its last part)."""
+    store = PatchStore(str(data["store"]))
+    per_epoch = len(store) // PRETRAIN_BATCH
+    store.close()
+    epochs = max(1, round(steps / per_epoch))
+    tag = f"small-b{PRETRAIN_BATCH}-e{epochs}-{epochs * per_epoch}steps"
+    path, record_path, run = work / f"encoder-{tag}.pt", work / f"encoder-{tag}.json", work / f"pretrain-{tag}"
+    if not record_path.exists() and args.cached_only:
+        return None
+    if not record_path.exists():
+        log(f"pretraining our encoder: {epochs} epochs of {per_epoch} steps ({tag})")
+        started = time.perf_counter()
+        summary = tool(["pretrain", str(data["store"]), "--out", str(run), "--config", "small", "--image-size",
+                        str(args.patch_size), "--batch", str(PRETRAIN_BATCH), "--epochs", str(epochs), "-q"],
+                       "pretrain")
+        tool(["export", str(run), str(path)], "export")
+        record = {"tag": tag, "steps": summary["step"], "epochs": epochs, "batch": PRETRAIN_BATCH,
+                  "pretrain_s": round(time.perf_counter() - started)}
+        record_path.write_text(json.dumps(record))
+        log(f"pretrained {record['steps']} steps in {record['pretrain_s']} s")
+    return path, json.loads(record_path.read_text())
+
+
+def kcenter_labels(work: Path, data: dict, enc: Path, tag: str, fraction: float, total_regions: int,
+                   args) -> Path | None:
+    """The labels of ``fraction`` % of the regions, chosen by k-center on ``enc``'s features (one
+    selection, no earlier rounds) and revealed; 100% is the full masks."""
+    if fraction >= 100:
+        return data["masks"]
+    folder = work / "compare" / f"labels-kcenter-{tag}" / f"{fraction:g}pct"
+    labels_dir = folder / "labels"
+    if not labels_dir.exists() and args.cached_only:
+        return None
+    if not labels_dir.exists():
+        partial = folder / "labels.partial"
+        if partial.exists():
+            for f in partial.iterdir():
+                f.unlink()
+        partial.mkdir(parents=True, exist_ok=True)
+        select_regions_for_annotation(str(enc), [str(data["store"])], str(folder / "selection"),
+                                      budget=regions_for(fraction, total_regions), region_size=args.region_size,
+                                      strategy="kcenter", seed=0, device=args.device, workers=args.workers)
+        reveal(folder / "selection", partial, data["masks"])
+        os.replace(partial, labels_dir)
+    return labels_dir
+
+
+def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]:
+    """Ours against random init, same labels and steps, per budget, fraction and seed."""
+    budgets = [budget_encoder(work, data, steps, args) for steps in args.pretrain_steps]
+    budgets = [b for b in budgets if b is not None]  # --cached-only: the budgets pretrained so far
+    if not budgets:
+        return []
+    label_tag = budgets[0][1]["tag"]
+    # both arms see the same input: our encoder's (whole patches at 1.5x, as small's views were); a
+    # random encoder would default to the patch side (64 px: 44% of the pixels)
+    side = matched_image_size(args.patch_size, args.mpp, read_encoder(str(budgets[0][0]))[1]["input_mpp"])
+    rows = []
+    for fraction in args.fractions:
+        labels_dir = kcenter_labels(work, data, budgets[0][0], label_tag, fraction, total_regions, args)
+        if labels_dir is None:  # --cached-only, not selected yet
+            continue
+        labelled = 100.0 if fraction >= 100 else round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2)
+        runs = work / "compare" / (f"{fraction:g}pct" if fraction >= 100 else f"{fraction:g}pct-{label_tag}")
+        for seed in args.seeds:
+            arms = [("random", None, RANDOM_INIT, f"random-{side}px-{args.steps}steps-s{seed}")]
+            arms += [("simclr", record, str(enc), f"ours-{record['tag']}-{args.steps}steps-s{seed}")
+                     for enc, record in budgets]
+            for init, record, ref, name in arms:
+                if args.cached_only and not (runs / name / "score.json").exists():
+                    continue
+                score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side)
+                rows.append({"init": init, "pretrain": record, "target_pct": fraction, "labelled_pct": labelled,
+                             "seed": seed, "image_size": side, **score})
+                log(f"{fraction:g}% seed {seed} {name}: Dice {score['dice']:.4f} "
+                    f"({score['train_s']:.0f} s + {score.get('eval_s', 0):.0f} s eval)")
+    return rows
+
+
+def print_compare(rows: list[dict], args) -> None:
+    """One table per pretraining budget: ours and random init over seeds, and the paired difference."""
+    spread = lambda a: f" ± {a.std(ddof=1):.3f}" if len(a) > 1 else ""  # noqa: E731
+    random = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "random"}
+    tags = list(dict.fromkeys(r["pretrain"]["tag"] for r in rows if r["init"] == "simclr"))
+    for tag in tags:
+        ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and r["pretrain"]["tag"] == tag}
+        record = next(iter(ours.values()))["pretrain"]
+        print(f"\nOur encoder: small, {record['steps']} pretraining steps at batch {record['batch']} "
+              f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of the 85 training images' patches), pretrained in {record['pretrain_s']} s "
+              f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {tags[0]} encoder's features, "
+              f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images.")
+        header = ["labelled %", "seeds", "ours", "random init", "ours - random (per seed)", "mean diff",
+                  "segment steps", "ours train s", "random train s"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        means = {}
+        for fraction in sorted({f for f, _ in ours}):
+            seeds = sorted(s for f, s in ours if f == fraction and (f, s) in random)
+            if not seeds:
+                continue
+            a = np.array([ours[fraction, s]["dice"] for s in seeds])
+            b = np.array([random[fraction, s]["dice"] for s in seeds])
+            means[fraction] = a.mean()
+            steps = sorted({ours[fraction, s]["steps"] for s in seeds} | {random[fraction, s]["steps"] for s in seeds})
+            print(f"| {fraction:g} ({ours[fraction, seeds[0]]['labelled_pct']:.1f}) | {','.join(map(str, seeds))} | "
+                  f"{a.mean():.3f}{spread(a)} | {b.mean():.3f}{spread(b)} | "
+                  f"{', '.join(f'{d:+.3f}' for d in a - b)} | **{(a - b).mean():+.3f}**{spread(a - b)} | "
+                  f"{'/'.join(map(str, steps))} | {np.mean([ours[fraction, s]['train_s'] for s in seeds]):.0f} | "
+                  f"{np.mean([random[fraction, s]['train_s'] for s in seeds]):.0f} |")
+        if 100 in means:
+            for fraction in (f for f in means if f < 100):
+                print(f"ours at {fraction:g}% / ours at 100%: {means[fraction] / means[100]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(ROOT / "bench" / "_work" / "al"))
@@ -232,10 +372,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="smoke run: fractions 5 and 20, 20 steps")
+    parser.add_argument("--compare-init", action="store_true",
+                        help="ours against random init per pretraining budget (--pretrain-steps), fraction and seed")
+    parser.add_argument("--pretrain-steps", type=int, nargs="+", default=[874, 3496],
+                        help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
+                             "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="--compare-init: print the tables from the arms already finished; train nothing")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fractions 5 and 20, 10 steps, 2 test images "
+                        "(--compare-init: fractions 5 and 100, seed 0, one-epoch pretraining)")
     args = parser.parse_args()
-    if args.quick:
-        args.fractions, args.steps, args.ssl_steps, args.fixmatch_at, args.random_init_at = [5, 20], 20, 20, [5], [5]
+    if args.compare_init and "--fractions" not in sys.argv:
+        args.fractions = [5, 10, 100]
+    if args.compare_init and args.quick:
+        args.fractions, args.steps, args.seeds, args.pretrain_steps = [5, 100], 10, [0], [1]
+        args.work = str(Path(args.work) / "quick")
+    elif args.quick:
+        args.fractions, args.steps, args.ssl_steps, args.fixmatch_at, args.random_init_at = [5, 20], 10, 10, [5], [5]
         args.ssl_seeds = [0]
         args.work = str(Path(args.work) / "quick")
     work = Path(args.work)
@@ -243,6 +397,16 @@ def main() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     started = time.perf_counter()
     data = prepare(work, args)
+    if args.compare_init:
+        store = PatchStore(str(data["store"]))
+        total_regions = len(build_regions(store, args.region_size))
+        store.close()
+        rows = compare_init(work, data, args, total_regions)
+        print_compare(rows, args)
+        (work / "compare_init.json").write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                            "seconds": round(time.perf_counter() - started)}, indent=1))
+        log(f"done in {time.perf_counter() - started:.0f} s; {work / 'compare_init.json'}")
+        return
     cached = work.parent / "encoder.pt"
     if args.quick and not cached.exists():
         args.pretrain_epochs = 1
