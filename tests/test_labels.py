@@ -413,3 +413,21 @@ def test_segment_seed_fixes_the_initial_decoder(glands, tmp_path):
     assert all(np.array_equal(first[k], again[k]) for k in first)
     decoder = [k for k in first if k.startswith("decoder") and first[k].dtype.is_floating_point]
     assert any(not np.array_equal(first[k], other[k]) for k in decoder)
+
+
+def test_sparse_class_index_masks_with_background_only_slides_read_as_index(glands, tmp_path):
+    """255 beside class values in one mask says the folder's 255 is 'unlabelled': a slide with only
+    background revealed (0 and 255) is not a binary mask there."""
+    _, _, _, store_path = glands
+    folder = tmp_path / "sparse"
+    folder.mkdir()
+    revealed = np.full((160, 192), IGNORE, np.uint8)
+    revealed[:64, :64] = mask_of(glands, "img0")[:64, :64]
+    revealed[100:, 100:] = 1
+    cv2.imwrite(str(folder / "img0.png"), revealed)  # 0, 1 and 255
+    background = np.full((160, 192), IGNORE, np.uint8)
+    background[:32, :32] = 0
+    cv2.imwrite(str(folder / "img1.png"), background)  # 0 and 255 only
+    labels = load_labels(str(folder), PatchStore(str(store_path)))
+    assert labels.mask_format == "index"
+    assert set(np.unique(labels.slides["img1"].mask)) == {0, IGNORE}

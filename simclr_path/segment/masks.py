@@ -24,9 +24,10 @@ The **mask format** says what the decoded values mean:
 * ``auto`` (the default): a mask that says what it is (1-bit, palette, or ``predict``'s own masks,
   which state ``index`` in their PNG text) is read so; the others are ``binary`` when they hold 0
   and 255 and nothing else (GlaS 0/255 masks: as ``index`` they would mean "background +
-  unlabelled" and could never train or score a foreground class), else ``index``. A folder mixing
-  0/255-only masks with masks of other class values is refused: say which with the flag. The
-  choice is said on stderr.
+  unlabelled" and could never train or score a foreground class), else ``index``. A mask holding
+  class values beside 255 shows that the folder's 255 means "unlabelled": all are read as
+  ``index``. A folder mixing 0/255-only masks with masks of other class values and no 255 (0/1
+  masks) is refused: say which with the flag. The choice is said on stderr.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def resolve_mask_format(mask_format: str, decoded: dict[str, DecodedMask]) -> tu
         return (declared.pop() if len(declared) == 1 else "index"), None
     binary_like = [path for path, m in decoded.items() if m.declared is None and m.value_set() == {0, IGNORE}]
     index_like = [path for path, m in decoded.items() if m.declared is None and m.value_set() - {0, IGNORE}]
+    if any(IGNORE in decoded[path].value_set() for path in index_like):
+        return "index", None  # class values beside 255 in one file: 255 is "unlabelled" in this folder
     if binary_like and index_like:
         first, other = os.path.basename(binary_like[0]), os.path.basename(index_like[0])
         values = sorted(decoded[index_like[0]].value_set() - {0, IGNORE})
