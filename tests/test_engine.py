@@ -569,6 +569,34 @@ def test_bf16_autocast_runs_when_asked_and_native_to_the_device(real_store, tmp_
     assert used == [torch.bfloat16 if asked and native else None] * 2 and summary["bf16"] is (asked and native)
 
 
+def test_fp16_resume_goes_on_at_the_loss_scale_the_run_had_reached(real_store, tmp_path, monkeypatch):
+    """fp16 (GPUs without native bf16) learns its loss scale as it trains; a resume that started again
+    at 2**16 would overflow and skip steps an uninterrupted run never skipped."""
+    from simclr_path.engine import pretrain as train
+
+    monkeypatch.setattr(train.Run, "amp_dtype", property(lambda self: torch.float16))  # as on a V100
+    monkeypatch.setattr(train, "_precision_text", lambda run: "fp16 autocast with a gradient scaler")  # names the GPU
+    out = tmp_path / "run"
+    pretrain([str(real_store)], str(out), tiny_config(max_steps=2), progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["scaler"]["scale"] <= 2.0 ** 16  # the first steps overflow and halve it
+    ckpt["scaler"].update(scale=512.0, _growth_tracker=7)  # a run whose scale fell after overflows
+    torch.save(ckpt, out / "checkpoint.pt")
+
+    scales = []
+    real = train.loss_and_backward
+
+    def recording(model, views, loss_fn, use_amp, scaler=None):
+        scales.append((use_amp, scaler.get_scale()))
+        return real(model, views, loss_fn, use_amp, scaler)
+
+    monkeypatch.setattr(train, "loss_and_backward", recording)
+    pretrain([str(real_store)], str(out), tiny_config(max_steps=3), progress=False)
+    assert scales == [(torch.float16, 512.0)]
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (resumed["scale"], resumed["_growth_tracker"]) in ((512.0, 8), (256.0, 0))  # stepped, or overflowed
+
+
 def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
     import torch
 

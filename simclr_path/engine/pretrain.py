@@ -110,6 +110,8 @@ class Run:
         if distributed.is_main():
             extra = {"store": {"paths": [os.path.abspath(p) for p in self.stores], **_store_meta(self.store)},
                      "total_steps": self.total_steps}
+            if self.scaler is not None:  # fp16: the loss scale it has learnt (and its growth count)
+                extra["scaler"] = self.scaler.state_dict()
             contents = checkpoint_contents(self.model, self.optimizer, self.scheduler, self.state,
                                            self.cfg.to_dict(), self.cfg.model.backbone, rank_rng, extra)
             save_checkpoint(contents, self.checkpoint_path)
@@ -386,7 +388,7 @@ def build_run(stores: list[str], out: str, cfg: PretrainConfig) -> Run:
                std=torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1),
                state=TrainState(), device_views=device_views)
     if run.amp_dtype == torch.float16:
-        run.scaler = torch.amp.GradScaler("cuda")
+        run.scaler = torch.amp.GradScaler(device.type)
     return run
 
 
@@ -419,6 +421,10 @@ def resume(run: Run, ckpt: dict | None) -> None:
         check_resumed_settings(run, saved, ckpt["step"])
         run.state = restore_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, distributed.rank(), run.world,
                                        run.device, cfg.run.seed)
+        if run.scaler is not None and ckpt.get("scaler"):
+            # fp16 goes on at the scale it had reached: a fresh 2**16 would overflow and skip steps
+            # until it had fallen again (and never skipped steps differ from an uninterrupted run)
+            run.scaler.load_state_dict(ckpt["scaler"])
     else:
         run.scheduler.step_update(num_updates=0)
     run.chunk = _resolve_chunk(cfg, run.model, run.device, 2 * run.per_rank_batch)
