@@ -165,6 +165,19 @@ def test_empty_store_and_other_backbone_checkpoint(real_store, tmp_path):
     assert_error(run_cli("export", tmp_path / "nothing", tmp_path / "e.pt"), "nothing")
 
 
+def test_a_second_pretrain_into_the_same_folder_is_refused(real_store, tmp_path):
+    """Two runs in one folder would interleave metrics.jsonl and race on checkpoint.pt."""
+    from simclr_path.runtime.files import locked_run_folder
+
+    run = tmp_path / "run"
+    with locked_run_folder(str(run), "simclr-path pretrain"):  # a run in another process
+        assert_error(run_cli("pretrain", real_store, "--out", run, *TINY_ARGS),
+                     "another 'simclr-path pretrain' is running in this folder", "another --out")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written: no config, no metrics
+    r = run_cli("pretrain", real_store, "--out", run, *TINY_ARGS)
+    assert r.exit_code == 0 and json.loads(r.stdout)["step"] == 1, r.stderr
+
+
 def test_pretrain_cli_prints_one_json_summary(real_store, tmp_path):
     r = run_cli("pretrain", real_store, "--out", tmp_path / "run", *TINY_ARGS, "--max-steps", 2)
     assert r.exit_code == 0, r.stderr

@@ -15,6 +15,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -48,6 +49,7 @@ from simclr_path.optim import build_optimizer, build_scheduler, scaled_lr
 from simclr_path.runtime import distributed
 from simclr_path.runtime.console import log
 from simclr_path.runtime.device import native_bf16, precision_name, resolve_device
+from simclr_path.runtime.files import locked_run_folder
 from simclr_path.store.format import jsonable
 from simclr_path.store.reader import PatchStore
 
@@ -233,9 +235,12 @@ def pretrain(stores: list[str], out: str, cfg: PretrainConfig, progress: bool = 
     Runs in this process; when torch.distributed is initialised, as one rank of the group (see
     :mod:`simclr_path.engine.launch`).
     """
-    with StopOnSigterm() as stop:
+    with StopOnSigterm() as stop, contextlib.ExitStack() as folder:
         run = build_run(stores, out, cfg)
         run.stop = stop
+        if distributed.is_main():  # one run per folder: a second would race on the checkpoint and the metrics
+            _prepare_run_dir(out)
+            folder.enter_context(locked_run_folder(out, "simclr-path pretrain"))
         resume(run, open_run_folder(out, cfg))
         main = distributed.is_main()
         if main:
