@@ -30,3 +30,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__
+
+
+def check_loader_options(batch_size: int, workers: int) -> None:
+    """``--batch`` and ``--workers`` of the commands that run an encoder over patches (embed, eval,
+    select, predict): a batch of at least one patch, no negative number of loader workers."""
+    if batch_size < 1:
+        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise SimclrPathError(f"--workers must be >= 0, got {workers}")

@@ -46,7 +46,7 @@ import torch
 
 from simclr_path.data.normalize import normalize
 from simclr_path.engine.features import EncoderInputs
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_loader_options
 from simclr_path.runtime.files import file_sha256
 from simclr_path.store import PatchStore
 from simclr_path.store.format import SLIDES, SPEC_KEYS, open_h5
@@ -301,10 +301,7 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
     from simclr_path.runtime.console import Reporter
     from simclr_path.runtime.device import resolve_device
 
-    if batch_size < 1:
-        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    check_loader_options(batch_size, workers)
     started = time.perf_counter()
     reporter = reporter or Reporter(enabled=False)
     dev = resolve_device(device)

@@ -23,7 +23,7 @@ from simclr_path.data.labeled import (Labeled, cap_per_class, check_groups_disjo
                                       stratified_split, subset)
 from simclr_path.engine.features import extract_features
 from simclr_path.engine.knn import accuracy, knn_predict
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_loader_options
 
 
 def linear_probe_predict(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, num_classes: int,
@@ -141,10 +141,7 @@ def evaluate_encoder(encoder_path: str, labeled: str, test: str | None = None, t
         raise SimclrPathError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if max_per_class is not None and max_per_class < 1:
         raise SimclrPathError(f"--max-per-class must be 1 or more, got {max_per_class}; leave it out to use every patch")
-    if batch_size < 1:
-        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    check_loader_options(batch_size, workers)
     if seed < 0:
         raise SimclrPathError(f"--seed must be >= 0, got {seed}")
     dev = resolve_device(device)

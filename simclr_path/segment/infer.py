@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_path.data.input_spec import InputSpec
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_loader_options
 from simclr_path.runtime.device import resolve_device
 from simclr_path.runtime.images import resize_image
 from simclr_path.segment.model import check_store_resolution, load_segment_run
@@ -78,10 +78,7 @@ def predict_patches(model: torch.nn.Module, meta: dict, images: Sequence, *, dev
         whatever ``len(images)``.
     """
     device = torch.device(device)
-    if batch_size < 1:
-        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    check_loader_options(batch_size, workers)
     loader = torch.utils.data.DataLoader(
         _PatchInputs(images, InputSpec.from_meta(meta)), batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),  # leaves global RNG alone

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from simclr_path.annotations.geojson import annotation_feature, write_geojson
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_loader_options
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
 from simclr_path.runtime.images import resize_image
@@ -85,10 +85,7 @@ def predict_slides(run: str, stores: list[str], out: str, *, downsample: float |
                               f"got {downsample}")
     if not stores:
         raise SimclrPathError("no patch store given")
-    if batch_size < 1:
-        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    check_loader_options(batch_size, workers)
     resolved = resolve_device(device)
     store = PatchStore(stores)
     plan = []

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_loader_options
 from simclr_path.runtime.console import Reporter
 from simclr_path.runtime.device import resolve_device
 from simclr_path.selection.annotated import annotated_regions
@@ -127,10 +127,7 @@ def _check_options(encoder, out, budget, region_size, strategy, features_dir, mo
         raise SimclrPathError(f"--budget must be at least 1 region, got {budget}")
     if region_size < 1:
         raise SimclrPathError(f"--region-size must be at least 1 patch, got {region_size}")
-    if batch_size < 1:
-        raise SimclrPathError(f"--batch must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise SimclrPathError(f"--workers must be >= 0, got {workers}")
+    check_loader_options(batch_size, workers)
     if strategy in NEEDS_ENTROPY and not model:
         raise SimclrPathError(f"--strategy {strategy} needs --model RUN (a 'simclr-path segment' run folder); "
                               "without one use --strategy kcenter")
