@@ -31,6 +31,10 @@ random init (``timm:resnet18``, encoder lr x1.0 as ``segment`` sets it) for ``--
 ``--seeds`` (the seed sets the decoder's init, a random encoder's init and the batches). One table
 per budget: ours and random init (mean ± std over seeds), ours - random init per seed and its mean,
 and each arm's steps and wall time. The random-init arm does not depend on the budget: it is run once.
+``--ours-set KEY=VALUE`` (repeatable) fine-tunes our encoder's arm with other ``segment`` settings
+(``SegmentConfig`` fields, e.g. ``encoder_lr_scale=1.0``; ``segment`` gives a pretrained encoder 0.1x
+the decoder's lr by default), against the same random-init runs: a lever measured over the same
+seeds and labels, as its own table.
 
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
 over all test pixels (``overall``). Training runs compared with each other have the same budget:
@@ -43,7 +47,7 @@ Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--
        [--fractions 1 2 5 10 20]
        [--quick]   # a smoke run: two fractions, 10 steps, 2 test images
        python bench/active_learning.py --compare-init [--fractions 5 10 100] [--seeds 0 1 2]
-       [--pretrain-steps 874 3496] [--steps 400] [--quick]
+       [--pretrain-steps 874 3496] [--steps 400] [--ours-set encoder_lr_scale=1.0] [--quick]
 Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png
 (--compare-init: one table per budget; WORK/compare_init.json).
 """
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,14 +176,16 @@ def labelled_fraction(labels_dir: Path, masks: Path, names: list[str]) -> float:
 
 
 def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none",
-                    seed: int | None = None, steps: int | None = None, image_size: int | None = None) -> dict:
+                    seed: int | None = None, steps: int | None = None, image_size: int | None = None,
+                    settings: dict | None = None) -> dict:
     """``segment`` for ``steps`` (default ``args.steps``) steps, then ``segment-eval`` on testA + testB.
-    ``image_size``: the network input side (default: ``segment``'s, matched to the encoder)."""
+    ``image_size``: the network input side (default: ``segment``'s, matched to the encoder);
+    ``settings``: other ``SegmentConfig`` fields (``segment``'s options), e.g. ``encoder_lr_scale``."""
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, ssl=ssl,
                             steps=args.steps if steps is None else steps, image_size=image_size,
                             threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed,
-                            log_every=50, checkpoint_every=10_000, device=args.device)
+                            log_every=50, checkpoint_every=10_000, device=args.device, **(settings or {}))
         started = time.perf_counter()
         trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
         seconds = time.perf_counter() - started
@@ -302,31 +309,60 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
         runs = work / "compare" / (f"{fraction:g}pct" if fraction >= 100 else f"{fraction:g}pct-{label_tag}")
         for seed in args.seeds:
             arms = [("random", None, RANDOM_INIT, f"random-{side}px-{args.steps}steps-s{seed}")]
-            arms += [("simclr", record, str(enc), f"ours-{record['tag']}-{args.steps}steps-s{seed}")
+            arms += [("simclr", record, str(enc), f"ours-{record['tag']}-{args.steps}steps-s{seed}{variant_suffix(args)}")
                      for enc, record in budgets]
             for init, record, ref, name in arms:
                 if args.cached_only and not (runs / name / "score.json").exists():
                     continue
-                score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side)
+                settings = args.ours_set if init == "simclr" else {}
+                score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side,
+                                        settings=settings)
                 rows.append({"init": init, "pretrain": record, "target_pct": fraction, "labelled_pct": labelled,
-                             "seed": seed, "image_size": side, **score})
+                             "seed": seed, "image_size": side, "segment_settings": settings, **score})
                 log(f"{fraction:g}% seed {seed} {name}: Dice {score['dice']:.4f} "
                     f"({score['train_s']:.0f} s + {score.get('eval_s', 0):.0f} s eval)")
     return rows
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``--ours-set KEY=VALUE`` pairs as ``SegmentConfig`` fields, each value of its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(SegmentConfig)}
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--ours-set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        default = fields[key].default
+        if isinstance(default, (bool, str)) or default in (None, dataclasses.MISSING):  # None: a number
+            settings[key] = {"true": True, "false": False}.get(value.lower(), value) if isinstance(default, bool) \
+                else value if isinstance(default, str) else (int(value) if value.lstrip("-").isdigit() else float(value))
+        else:
+            settings[key] = type(default)(value)
+    return settings
+
+
+def variant_suffix(args) -> str:
+    """The ours-arm run name's suffix for ``--ours-set`` (none with segment's defaults)."""
+    return "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
+                   for key, value in sorted(args.ours_set.items()))
 
 
 def print_compare(rows: list[dict], args) -> None:
     """One table per pretraining budget: ours and random init over seeds, and the paired difference."""
     spread = lambda a: f" ± {a.std(ddof=1):.3f}" if len(a) > 1 else ""  # noqa: E731
     random = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "random"}
-    tags = list(dict.fromkeys(r["pretrain"]["tag"] for r in rows if r["init"] == "simclr"))
-    for tag in tags:
-        ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and r["pretrain"]["tag"] == tag}
+    arm = lambda r: (r["pretrain"]["tag"], json.dumps(r.get("segment_settings") or {}, sort_keys=True))  # noqa: E731
+    arms = list(dict.fromkeys(arm(r) for r in rows if r["init"] == "simclr"))
+    tags = [tag for tag, _ in arms]
+    for tag, settings in arms:
+        ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and arm(r) == (tag, settings)}
         record = next(iter(ours.values()))["pretrain"]
         print(f"\nOur encoder: small, {record['steps']} pretraining steps at batch {record['batch']} "
               f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of the 85 training images' patches), pretrained in {record['pretrain_s']} s "
               f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {tags[0]} encoder's features, "
-              f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images.")
+              f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images."
+              + (f" Ours fine-tuned with {', '.join(f'{k}={v}' for k, v in json.loads(settings).items())} "
+                 "(random init with segment's defaults)." if settings != "{}" else ""))
         header = ["labelled %", "seeds", "ours", "random init", "ours - random (per seed)", "mean diff",
                   "segment steps", "ours train s", "random train s"]
         print("| " + " | ".join(header) + " |")
@@ -378,11 +414,15 @@ def main() -> None:
                         help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
                              "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--compare-init: a segment setting for our encoder's arm only (SegmentConfig field, "
+                             "e.g. encoder_lr_scale=1.0); the arm's runs are named by it, so each variant is its own table")
     parser.add_argument("--cached-only", action="store_true",
                         help="--compare-init: print the tables from the arms already finished; train nothing")
     parser.add_argument("--quick", action="store_true", help="smoke run: fractions 5 and 20, 10 steps, 2 test images "
                         "(--compare-init: fractions 5 and 100, seed 0, one-epoch pretraining)")
     args = parser.parse_args()
+    args.ours_set = parse_settings(args.ours_set)
     if args.compare_init and "--fractions" not in sys.argv:
         args.fractions = [5, 10, 100]
     if args.compare_init and args.quick:
