@@ -25,7 +25,7 @@ the same way, for each pretraining budget in ``--pretrain-steps`` (optimiser ste
 preset at batch 128, rounded to whole epochs of the store; each budget's encoder cached in the work
 folder by its settings; budgets are steps, never seconds, so a busy machine changes wall times only).
 Labels: k-center ``select`` (regions of ``--region-size``), done once per fraction with the FIRST
-budget's encoder and used by every arm and every budget, so the two arms of a pair and the budgets
+budget's encoder (or ``--labels-from-steps``'s) and used by every arm and every budget, so the two arms of a pair and the budgets
 see the same labelled pixels; 100% is the full masks. Each (fraction, seed) trains ours and
 random init (``timm:resnet18``, encoder lr x1.0 as ``segment`` sets it) for ``--steps`` steps with
 ``--seeds`` (the seed sets the decoder's init, a random encoder's init and the batches). One table
@@ -296,13 +296,16 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
     budgets = [b for b in budgets if b is not None]  # --cached-only: the budgets pretrained so far
     if not budgets:
         return []
-    label_tag = budgets[0][1]["tag"]
+    labeller = budget_encoder(work, data, args.labels_from_steps, args) if args.labels_from_steps else budgets[0]
+    if labeller is None:  # --cached-only, that encoder not pretrained
+        return []
+    label_tag = labeller[1]["tag"]
     # both arms see the same input: our encoder's (whole patches at 1.5x, as small's views were); a
     # random encoder would default to the patch side (64 px: 44% of the pixels)
     side = matched_image_size(args.patch_size, args.mpp, read_encoder(str(budgets[0][0]))[1]["input_mpp"])
     rows = []
     for fraction in args.fractions:
-        labels_dir = kcenter_labels(work, data, budgets[0][0], label_tag, fraction, total_regions, args)
+        labels_dir = kcenter_labels(work, data, labeller[0], label_tag, fraction, total_regions, args)
         if labels_dir is None:  # --cached-only, not selected yet
             continue
         labelled = 100.0 if fraction >= 100 else round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2)
@@ -318,7 +321,8 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
                 score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side,
                                         settings=settings)
                 rows.append({"init": init, "pretrain": record, "target_pct": fraction, "labelled_pct": labelled,
-                             "seed": seed, "image_size": side, "segment_settings": settings, **score})
+                             "seed": seed, "image_size": side, "segment_settings": settings, "labels_from": label_tag,
+                             **score})
                 log(f"{fraction:g}% seed {seed} {name}: Dice {score['dice']:.4f} "
                     f"({score['train_s']:.0f} s + {score.get('eval_s', 0):.0f} s eval)")
     return rows
@@ -356,10 +360,11 @@ def print_compare(rows: list[dict], args) -> None:
     tags = [tag for tag, _ in arms]
     for tag, settings in arms:
         ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and arm(r) == (tag, settings)}
-        record = next(iter(ours.values()))["pretrain"]
+        record_row = next(iter(ours.values()))
+        record = record_row["pretrain"]
         print(f"\nOur encoder: small, {record['steps']} pretraining steps at batch {record['batch']} "
               f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of the 85 training images' patches), pretrained in {record['pretrain_s']} s "
-              f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {tags[0]} encoder's features, "
+              f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {record_row.get('labels_from', tags[0])} encoder's features, "
               f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images."
               + (f" Ours fine-tuned with {', '.join(f'{k}={v}' for k, v in json.loads(settings).items())} "
                  "(random init with segment's defaults)." if settings != "{}" else ""))
@@ -414,6 +419,9 @@ def main() -> None:
                         help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
                              "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
+    parser.add_argument("--labels-from-steps", type=int, default=None,
+                        help="--compare-init: choose the k-center labels with this budget's encoder (default: the first "
+                             "of --pretrain-steps), e.g. to add a budget or a variant on the labels of earlier runs")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="--compare-init: a segment setting for our encoder's arm only (SegmentConfig field, "
                              "e.g. encoder_lr_scale=1.0); the arm's runs are named by it, so each variant is its own table")
