@@ -25,12 +25,16 @@ the same way, for each pretraining budget in ``--pretrain-steps`` (optimiser ste
 preset at batch 128, rounded to whole epochs of the store; each budget's encoder cached in the work
 folder by its settings; budgets are steps, never seconds, so a busy machine changes wall times only).
 Labels: k-center ``select`` (regions of ``--region-size``), done once per fraction with the FIRST
-budget's encoder and used by every arm and every budget, so the two arms of a pair and the budgets
+budget's encoder (or ``--labels-from-steps``'s) and used by every arm and every budget, so the two arms of a pair and the budgets
 see the same labelled pixels; 100% is the full masks. Each (fraction, seed) trains ours and
 random init (``timm:resnet18``, encoder lr x1.0 as ``segment`` sets it) for ``--steps`` steps with
 ``--seeds`` (the seed sets the decoder's init, a random encoder's init and the batches). One table
 per budget: ours and random init (mean ± std over seeds), ours - random init per seed and its mean,
 and each arm's steps and wall time. The random-init arm does not depend on the budget: it is run once.
+``--ours-set KEY=VALUE`` (repeatable) fine-tunes our encoder's arm with other ``segment`` settings
+(``SegmentConfig`` fields, e.g. ``encoder_lr_scale=1.0``; ``segment`` gives a pretrained encoder 0.1x
+the decoder's lr by default), against the same random-init runs: a lever measured over the same
+seeds and labels, as its own table.
 
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
 over all test pixels (``overall``). Training runs compared with each other have the same budget:
@@ -43,7 +47,7 @@ Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--
        [--fractions 1 2 5 10 20]
        [--quick]   # a smoke run: two fractions, 10 steps, 2 test images
        python bench/active_learning.py --compare-init [--fractions 5 10 100] [--seeds 0 1 2]
-       [--pretrain-steps 874 3496] [--steps 400] [--quick]
+       [--pretrain-steps 874 3496] [--steps 400] [--ours-set encoder_lr_scale=1.0] [--quick]
 Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png
 (--compare-init: one table per budget; WORK/compare_init.json).
 """
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,14 +176,16 @@ def labelled_fraction(labels_dir: Path, masks: Path, names: list[str]) -> float:
 
 
 def train_and_score(run: Path, encoder_ref: str, data: dict, labels_dir: Path, args, ssl: str = "none",
-                    seed: int | None = None, steps: int | None = None, image_size: int | None = None) -> dict:
+                    seed: int | None = None, steps: int | None = None, image_size: int | None = None,
+                    settings: dict | None = None) -> dict:
     """``segment`` for ``steps`` (default ``args.steps``) steps, then ``segment-eval`` on testA + testB.
-    ``image_size``: the network input side (default: ``segment``'s, matched to the encoder)."""
+    ``image_size``: the network input side (default: ``segment``'s, matched to the encoder);
+    ``settings``: other ``SegmentConfig`` fields (``segment``'s options), e.g. ``encoder_lr_scale``."""
     if not (run / "score.json").exists():
         cfg = SegmentConfig(encoder=encoder_ref, classes=list(CLASSES), batch=args.batch, ssl=ssl,
                             steps=args.steps if steps is None else steps, image_size=image_size,
                             threshold=args.threshold, workers=args.workers, seed=args.seed if seed is None else seed,
-                            log_every=50, checkpoint_every=10_000, device=args.device)
+                            log_every=50, checkpoint_every=10_000, device=args.device, **(settings or {}))
         started = time.perf_counter()
         trained = train_segmentation([str(data["store"])], str(labels_dir), str(run), cfg, progress=False)
         seconds = time.perf_counter() - started
@@ -289,44 +296,78 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
     budgets = [b for b in budgets if b is not None]  # --cached-only: the budgets pretrained so far
     if not budgets:
         return []
-    label_tag = budgets[0][1]["tag"]
+    labeller = budget_encoder(work, data, args.labels_from_steps, args) if args.labels_from_steps else budgets[0]
+    if labeller is None:  # --cached-only, that encoder not pretrained
+        return []
+    label_tag = labeller[1]["tag"]
     # both arms see the same input: our encoder's (whole patches at 1.5x, as small's views were); a
     # random encoder would default to the patch side (64 px: 44% of the pixels)
     side = matched_image_size(args.patch_size, args.mpp, read_encoder(str(budgets[0][0]))[1]["input_mpp"])
     rows = []
     for fraction in args.fractions:
-        labels_dir = kcenter_labels(work, data, budgets[0][0], label_tag, fraction, total_regions, args)
+        labels_dir = kcenter_labels(work, data, labeller[0], label_tag, fraction, total_regions, args)
         if labels_dir is None:  # --cached-only, not selected yet
             continue
         labelled = 100.0 if fraction >= 100 else round(100 * labelled_fraction(labels_dir, data["masks"], data["train"]), 2)
         runs = work / "compare" / (f"{fraction:g}pct" if fraction >= 100 else f"{fraction:g}pct-{label_tag}")
         for seed in args.seeds:
             arms = [("random", None, RANDOM_INIT, f"random-{side}px-{args.steps}steps-s{seed}")]
-            arms += [("simclr", record, str(enc), f"ours-{record['tag']}-{args.steps}steps-s{seed}")
+            arms += [("simclr", record, str(enc), f"ours-{record['tag']}-{args.steps}steps-s{seed}{variant_suffix(args)}")
                      for enc, record in budgets]
             for init, record, ref, name in arms:
                 if args.cached_only and not (runs / name / "score.json").exists():
                     continue
-                score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side)
+                settings = args.ours_set if init == "simclr" else {}
+                score = train_and_score(runs / name, ref, data, labels_dir, args, seed=seed, image_size=side,
+                                        settings=settings)
                 rows.append({"init": init, "pretrain": record, "target_pct": fraction, "labelled_pct": labelled,
-                             "seed": seed, "image_size": side, **score})
+                             "seed": seed, "image_size": side, "segment_settings": settings, "labels_from": label_tag,
+                             **score})
                 log(f"{fraction:g}% seed {seed} {name}: Dice {score['dice']:.4f} "
                     f"({score['train_s']:.0f} s + {score.get('eval_s', 0):.0f} s eval)")
     return rows
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``--ours-set KEY=VALUE`` pairs as ``SegmentConfig`` fields, each value of its field's type."""
+    fields = {f.name: f for f in dataclasses.fields(SegmentConfig)}
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"--ours-set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        default = fields[key].default
+        if isinstance(default, (bool, str)) or default in (None, dataclasses.MISSING):  # None: a number
+            settings[key] = {"true": True, "false": False}.get(value.lower(), value) if isinstance(default, bool) \
+                else value if isinstance(default, str) else (int(value) if value.lstrip("-").isdigit() else float(value))
+        else:
+            settings[key] = type(default)(value)
+    return settings
+
+
+def variant_suffix(args) -> str:
+    """The ours-arm run name's suffix for ``--ours-set`` (none with segment's defaults)."""
+    return "".join(f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
+                   for key, value in sorted(args.ours_set.items()))
 
 
 def print_compare(rows: list[dict], args) -> None:
     """One table per pretraining budget: ours and random init over seeds, and the paired difference."""
     spread = lambda a: f" ± {a.std(ddof=1):.3f}" if len(a) > 1 else ""  # noqa: E731
     random = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "random"}
-    tags = list(dict.fromkeys(r["pretrain"]["tag"] for r in rows if r["init"] == "simclr"))
-    for tag in tags:
-        ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and r["pretrain"]["tag"] == tag}
-        record = next(iter(ours.values()))["pretrain"]
+    arm = lambda r: (r["pretrain"]["tag"], json.dumps(r.get("segment_settings") or {}, sort_keys=True))  # noqa: E731
+    arms = list(dict.fromkeys(arm(r) for r in rows if r["init"] == "simclr"))
+    tags = [tag for tag, _ in arms]
+    for tag, settings in arms:
+        ours = {(r["target_pct"], r["seed"]): r for r in rows if r["init"] == "simclr" and arm(r) == (tag, settings)}
+        record_row = next(iter(ours.values()))
+        record = record_row["pretrain"]
         print(f"\nOur encoder: small, {record['steps']} pretraining steps at batch {record['batch']} "
               f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of the 85 training images' patches), pretrained in {record['pretrain_s']} s "
-              f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {tags[0]} encoder's features, "
-              f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images.")
+              f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {record_row.get('labels_from', tags[0])} encoder's features, "
+              f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images."
+              + (f" Ours fine-tuned with {', '.join(f'{k}={v}' for k, v in json.loads(settings).items())} "
+                 "(random init with segment's defaults)." if settings != "{}" else ""))
         header = ["labelled %", "seeds", "ours", "random init", "ours - random (per seed)", "mean diff",
                   "segment steps", "ours train s", "random train s"]
         print("| " + " | ".join(header) + " |")
@@ -378,11 +419,18 @@ def main() -> None:
                         help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
                              "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
+    parser.add_argument("--labels-from-steps", type=int, default=None,
+                        help="--compare-init: choose the k-center labels with this budget's encoder (default: the first "
+                             "of --pretrain-steps), e.g. to add a budget or a variant on the labels of earlier runs")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--compare-init: a segment setting for our encoder's arm only (SegmentConfig field, "
+                             "e.g. encoder_lr_scale=1.0); the arm's runs are named by it, so each variant is its own table")
     parser.add_argument("--cached-only", action="store_true",
                         help="--compare-init: print the tables from the arms already finished; train nothing")
     parser.add_argument("--quick", action="store_true", help="smoke run: fractions 5 and 20, 10 steps, 2 test images "
                         "(--compare-init: fractions 5 and 100, seed 0, one-epoch pretraining)")
     args = parser.parse_args()
+    args.ours_set = parse_settings(args.ours_set)
     if args.compare_init and "--fractions" not in sys.argv:
         args.fractions = [5, 10, 100]
     if args.compare_init and args.quick:
