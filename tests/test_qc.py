@@ -13,7 +13,7 @@ from simclr_path import PatchStore
 from simclr_path.errors import SimclrPathError
 from simclr_path.store.format import QC_REASONS, qc_bit
 from simclr_path.wsi.grid import TileSpec
-from simclr_path.wsi.qc import SCORE_NAMES, patch_scores, slide_flags
+from simclr_path.wsi.qc import BATCH, SCORE_NAMES, batch_scores, patch_scores, slide_flags
 from simclr_path.wsi.tiler import tile_slides
 
 from cli_helpers import assert_one_line_error, one_json, run_cli
@@ -88,6 +88,30 @@ def test_blur_is_judged_against_the_slides_own_sharpness():
     flags, stats = slide_flags(blurred)
     assert (flags[:30] & BLUR).all() and not (flags[30:] & BLUR).any()
     assert stats["blur"]["threshold"] < stats["blur"]["median"]
+
+
+@pytest.mark.parametrize("side", [128, 96])
+def test_a_patch_scores_the_same_alone_or_in_a_tiling_batch(real_slides, side):
+    """Tiling measures a task's patches as one stack: neighbours in the stack must not leak into a
+    patch's scores (a blank, a blurred, an inked and real tissue patches, more than one stack)."""
+    import openslide
+
+    with openslide.OpenSlide(str(real_slides["cmu"])) as slide:
+        region = np.asarray(slide.read_region((600, 1500), 0, (1200, 1200)).convert("RGB")).copy()  # 74% tissue
+    rng = np.random.default_rng(0)
+    patches = [np.ascontiguousarray(region[y : y + side, x : x + side]) for y, x in rng.integers(0, 1200 - side, (BATCH + 8, 2))]
+    patches[1] = np.full((side, side, 3), 235, np.uint8)  # glass: no tissue, NaN sharpness and density
+    patches[2] = cv2.GaussianBlur(patches[0], (0, 0), 3)
+    patches[3] = patches[0].copy()
+    cv2.line(patches[3], (0, 10), (side - 1, side // 2), (35, 60, 160), 12)  # blue ink
+    together = batch_scores(patches)
+    alone = np.stack([batch_scores([p])[0] for p in patches])
+    assert together.shape == (len(patches), len(SCORE_NAMES))
+    np.testing.assert_allclose(together, alone, rtol=1e-6, equal_nan=True)
+    tissue = np.isfinite(together[:, 1])
+    assert tissue[0] and np.isnan(together[1, 1:]).all() and tissue[4:].sum() >= 10  # glass vs real tissue
+    assert together[3, 0] >= 0.05 > np.median(together[4:, 0])
+    assert tissue[2] and together[2, 1] < 0.7 * np.median(together[4:][tissue[4:], 1])  # blur lowers sharpness
 
 
 def test_real_he_no_stain_is_taken_for_ink_or_blur(real_store):

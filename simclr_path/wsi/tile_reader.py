@@ -19,7 +19,7 @@ from simclr_path.errors import SlideError, first_line
 from simclr_path.store.codecs import encode_patches
 from simclr_path.wsi.grid import PatchPlan, TileSpec, grid_coords, plan_patches
 from simclr_path.wsi.preview import legend_text, write_preview
-from simclr_path.wsi.qc import SCORE_NAMES, patch_scores
+from simclr_path.wsi.qc import batch_scores
 from simclr_path.wsi.slide import SlideMeta, fingerprint, open_slide, read_meta, read_rgb
 from simclr_path.wsi.tissue import mask_downsample, thumbnail, tissue_fractions, tissue_mask
 
@@ -179,7 +179,7 @@ def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
     """Read each row run of ``coords`` as one strip, then cut, resize and encode its patches.
 
     Returns ``(encoded patches, QC scores)``: the scores are an (N, K) float32 array of
-    :func:`~simclr_path.wsi.qc.patch_scores` on the stored pixels, or None when ``spec.qc`` is off.
+    :func:`~simclr_path.wsi.qc.batch_scores` of the stored pixels, or None when ``spec.qc`` is off.
     """
     ds, size = plan.level_downsample, plan.read_size
     patches = []
@@ -201,7 +201,7 @@ def read_task(path: str, plan: PatchPlan, coords: np.ndarray, spec: TileSpec):
         raise SlideError(f"{path}: cannot be read ({first_line(exc)}); re-export or remove it") from None
     scores = None
     if spec.qc:
-        scores = np.stack([patch_scores(p) for p in patches]) if patches else np.zeros((0, len(SCORE_NAMES)), np.float32)
+        scores = batch_scores(patches)
     return encode_patches(patches, spec.codec, spec.jpeg_quality), scores
 
 
