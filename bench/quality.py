@@ -148,7 +148,7 @@ def ensure_inked(work: Path, share: float, seed: int) -> tuple[Path, dict]:
     truth_file = truth_path(folder)
     if truth_file.exists():
         truth = json.loads(truth_file.read_text())
-        if (truth.get("share"), truth.get("seed"), truth.get("source")) == (share, seed, str(PCAM / "valid")):
+        if (truth.get("share"), truth.get("seed"), truth.get("source")) == (share, seed, str((PCAM / "valid").resolve())):
             return folder, truth
     log(f"inking {share:.0%} of {PCAM / 'valid'} -> {folder} (once, ink seed {seed})")
     return folder, ink_folder(PCAM / "valid", folder, share, seed)
@@ -499,10 +499,10 @@ def print_ink(ink: dict) -> None:
         print(f"{label:32} | {plan['patches']:>18} | {ink['steps']:>6} | {cells[0]:>15} | {cells[1]:>15}")
     diff = summary.get("on_minus_off")
     if diff:
-        seeds = ", ".join(f"seed {d['seed']}: kNN {100 * d['knn_acc']:+.2f}, linear {100 * d['linear_acc']:+.2f}"
+        seeds = "; ".join(f"seed {d['seed']}: kNN {100 * d['knn_acc']:+.2f}, linear {100 * d['linear_acc']:+.2f}"
                           for d in diff["per_seed"])
         spread = {k: f" ± {100 * diff[k]['sd']:.2f}" if diff[k]["sd"] is not None else "" for k in ("knn_acc", "linear_acc")}
-        print(f"QC on - off, points: {seeds}; mean kNN {100 * diff['knn_acc']['mean']:+.2f}{spread['knn_acc']}, "
+        print(f"QC on - off, points: {seeds}. Mean kNN {100 * diff['knn_acc']['mean']:+.2f}{spread['knn_acc']}, "
               f"linear {100 * diff['linear_acc']['mean']:+.2f}{spread['linear_acc']}")
     schedules = "; ".join(
         f"QC {arm} {plan['epochs']} epochs of {plan['steps_per_epoch']} steps, warm-up {plan['warmup_steps']}, stopped "
@@ -524,7 +524,8 @@ def print_table(results: dict) -> None:
         print(f"ours: {ink['steps']} steps per arm, each run to its end, batch {BATCH}, {WORKERS} workers, on PCam "
               f"valid with {ink['share']:.0%} of it inked ({results['patches']} patches)"
               + (f", {results['ours_args']}" if results["ours_args"] else "")
-              + f"; baseline: {results['budget_s']:.0f} s wall-clock on the same images")
+              + (f"; baseline: {results['budget_s']:.0f} s wall-clock on the same images"
+                 if any(r["row"] == "baseline" for r in rows) else ""))
     else:
         print(f"budget: {results['budget_s']:.0f} s wall-clock per training run (start-up included), batch {BATCH}, "
               f"{WORKERS} workers, {results['patches']} PCam valid patches; ours: --epochs {results['ours_epochs']}"
