@@ -3,10 +3,10 @@
 Rows (each training run one after the other on this machine, same budget, batch 128, 2 workers):
 
 - ours: ``simclr-path pretrain STORE --config small --batch 128 --epochs 38`` (resnet18 on 64 px
-  crops, whole patches at 96 px) on
-  the PCam valid patches (3000, labels unused; ingested once into WORK/pcam-valid.h5 with
-  ``simclr-path ingest --mpp 0.97``), sent SIGTERM when the budget is spent (it finishes its
-  step, checkpoints and exits 143), then ``simclr-path export``. ``--ours-epochs N`` sets the
+  crops, whole patches at 96 px) on the PCam valid patches (3000, labels unused; ingested once into
+  WORK/pcam-valid.h5 with ``simclr-path ingest --mpp 0.97 --qc off``: every patch trains, as before
+  ingest had QC), sent SIGTERM when the budget is spent (it finishes its step, checkpoints and
+  exits 143), then ``simclr-path export``. ``--ours-epochs N`` sets the
   schedule's length (the default 38 is what a 2-core AVX512-BF16 EPYC reaches in 900 s with bf16;
   the table then says which value would end the cosine at the budget on this machine);
   ``--ours-args "..."`` is passed through verbatim, after our own flags (so it can override them).
@@ -22,6 +22,19 @@ Rows (each training run one after the other on this machine, same budget, batch 
 loader workers) and ``--augment device`` (views made by the training device), same steps, and ends
 with the mean kNN and linear differences, device - cpu, in points (issue 22's check: within 1 point
 over 3 seeds). ``--augment cpu|device`` passes one choice; the default (auto) passes none.
+
+``--ink-share F`` measures what tiling QC does for pretraining (issue 24): bench/ink.py paints pen
+ink on a share F of each class of PCam valid (once, cached in WORK/pcam-valid-ink<F>-s<ink seed>/
+with its truth beside it; ``--ink-seed``), ``simclr-path ingest --qc on`` stores it, and per seed
+ours trains twice at the same steps: QC off (``--exclude-qc none``: every patch) and QC on (the
+default exclusion, pen and blur). Steps: ``--ours-steps``, else ``--ours-epochs`` epochs of the
+whole store (23 steps each at 3000 patches). Each arm's schedule spans the fewest whole epochs of
+its own patches that reach them and stops there (``--max-steps``), with the preset's warm-up in the
+same steps; the arms run to their end (``--budget`` cuts only the baseline, which trains on the
+inked images too). Both are scored on the clean PCam test set as every row is; the table adds each
+arm's patches trained on, mean ± sd over seeds, the paired QC on - off difference per seed, QC's
+pen recall on the inked patches and the share of the clean ones it drops (pen or blur). Each arm
+is cached with its settings in WORK/ink/: a rerun reuses the finished ones (add seeds freely).
 
 Every process runs with ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it), which the
 ``simclr-path`` command sets for itself: the baseline gets it too.
@@ -39,7 +52,9 @@ run, from /proc/stat: numbers are comparable only when it is ~0). Everything is 
 
 Usage: python bench/quality.py [--budget 900] [--seeds 0 1 2] [--ours-epochs N] [--ours-args "..."]
        [--skip-baseline] [--work bench/_work/quality] [--out results.json] [--device cpu]
-       [--augment auto|cpu|device|both]
+       [--augment auto|cpu|device|both] [--ink-share F [--ink-seed 0] [--ours-steps S]]
+Example (QC's effect, 3 seeds, 161 steps per arm = --ours-epochs 7 of 3000 patches):
+       python bench/quality.py --ink-share 0.3 --seeds 0 1 2 --ours-epochs 7 --skip-baseline --out ink.json
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import platform
 import shlex
@@ -70,7 +86,11 @@ sys.path.insert(0, str(ROOT))
 from simclr_path import PatchStore  # noqa: E402
 from simclr_path.downstream.encoder import load_encoder  # noqa: E402
 from simclr_path.downstream.evaluate import evaluate_encoder  # noqa: E402
+from simclr_path.engine.config import load_config  # noqa: E402
 from simclr_path.runtime.device import native_bf16  # noqa: E402
+from simclr_path.store.format import DEFAULT_EXCLUDE_QC, qc_bit  # noqa: E402
+
+from ink import ink_folder, truth_path  # noqa: E402  (bench/ink.py, beside this file)
 
 PCAM = ROOT.parent / "shared" / "data" / "patches" / "pcam_ai4all"
 BATCH, WORKERS, PCAM_MPP = 128, 2, 0.97
@@ -106,18 +126,85 @@ def run_tool(args: list[str], what: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ensure_store(work: Path, images: Path) -> Path:
-    """The PCam valid images in a store, ingested once and cached in the work folder."""
-    store = work / "pcam-valid.h5"
+def ensure_store(work: Path, images: Path, stem: str = "pcam-valid", qc: str = "off") -> Path:
+    """The images in a store (``ingest --qc``), ingested once and cached in the work folder. The
+    plain rows' store has no QC, as before ``ingest --qc`` existed: every patch trains."""
+    store = work / f"{stem}.h5"
     if store.exists():
         return store
-    tmp = work / "pcam-valid.partial.h5"
+    tmp = work / f"{stem}.partial.h5"
     if tmp.exists():
         tmp.unlink()
-    log(f"ingesting {images} -> {store} (once)")
-    run_tool(["ingest", str(images), "--out", str(tmp), "--mpp", str(PCAM_MPP)], "simclr-path ingest")
+    log(f"ingesting {images} -> {store} (once, --qc {qc})")
+    run_tool(["ingest", str(images), "--out", str(tmp), "--mpp", str(PCAM_MPP), "--qc", qc], "simclr-path ingest")
     os.replace(tmp, store)
     return store
+
+
+def ensure_inked(work: Path, share: float, seed: int) -> tuple[Path, dict]:
+    """PCam valid with ``share`` of each class's images inked (bench/ink.py), made once and cached in
+    the work folder; and its truth."""
+    folder = work / f"pcam-valid-ink{share:g}-s{seed}"
+    truth_file = truth_path(folder)
+    if truth_file.exists():
+        truth = json.loads(truth_file.read_text())
+        if (truth.get("share"), truth.get("seed"), truth.get("source")) == (share, seed, str((PCAM / "valid").resolve())):
+            return folder, truth
+    log(f"inking {share:.0%} of {PCAM / 'valid'} -> {folder} (once, ink seed {seed})")
+    return folder, ink_folder(PCAM / "valid", folder, share, seed)
+
+
+def qc_against_truth(store: Path, truth: dict) -> dict:
+    """What QC flagged in the inked store against what was painted: ``pen`` recall on the inked
+    patches, and the clean patches (not inked) flagged ``pen`` and dropped by the default exclusion."""
+    import h5py
+
+    excluded = 0
+    for reason in DEFAULT_EXCLUDE_QC:
+        excluded |= qc_bit(reason)
+    inked = clean = inked_pen = clean_pen = clean_dropped = 0
+    with h5py.File(store, "r") as f:
+        for group in f["slides"].values():
+            for name, flags in zip(group["source_files"][()], group["qc_flags"][()]):
+                if name.decode() in truth["inked"]:
+                    inked, inked_pen = inked + 1, inked_pen + bool(flags & qc_bit("pen"))
+                else:
+                    clean, clean_pen = clean + 1, clean_pen + bool(flags & qc_bit("pen"))
+                    clean_dropped += bool(flags & excluded)
+    return {"inked": inked, "inked_flagged_pen": inked_pen, "pen_recall": round(inked_pen / max(inked, 1), 4),
+            "clean": clean, "clean_flagged_pen": clean_pen, "clean_dropped": clean_dropped,
+            "clean_dropped_share": round(clean_dropped / max(clean, 1), 4), "excluded_reasons": list(DEFAULT_EXCLUDE_QC)}
+
+
+def ink_plan(args, store: Path) -> dict:
+    """Both arms' pretraining at the same steps on the inked store: QC off trains on every patch
+    (``--exclude-qc none``), QC on without the default exclusion's patches. The step count is
+    ``--ours-steps``, else ``--ours-epochs`` of the whole store; each arm's schedule spans whole
+    epochs of its own patches (the fewest that reach the step count) and stops at it
+    (``--max-steps``), with the preset's warm-up in steps of the whole store (``--warmup-epochs``
+    scaled to the arm's epochs), so the two see the same number of steps, warm-up and batch."""
+    arms = {}
+    for arm, exclude in (("off", "none"), ("on", ",".join(DEFAULT_EXCLUDE_QC))):
+        handle = PatchStore(str(store), exclude_qc=exclude)
+        arms[arm] = {"exclude_qc": exclude, "patches": int(len(handle.indices()))}
+        handle.close()
+    per_epoch_all = arms["off"]["patches"] // BATCH
+    steps = args.ours_steps or args.ours_epochs * per_epoch_all
+    warmup_steps = round(load_config("small").optim.warmup_epochs * per_epoch_all)
+    for plan in arms.values():
+        per_epoch = plan["patches"] // BATCH
+        if per_epoch == 0:
+            raise RuntimeError(f"{store}: {plan['patches']} patches with --exclude-qc {plan['exclude_qc']}, "
+                               f"fewer than a batch of {BATCH}")
+        epochs = math.ceil(steps / per_epoch)
+        total = epochs * per_epoch
+        warmup = min(warmup_steps, total - 1)  # as optim.build_scheduler clamps it
+        # the learning rate at the last step, of its peak: still warming up, or down the cosine (0 at its end)
+        left = steps / max(1, warmup) if steps <= warmup else \
+            0.5 * (1 + math.cos(math.pi * (steps - warmup) / max(1, total - warmup)))
+        plan.update(steps_per_epoch=per_epoch, epochs=epochs, schedule_steps=total,
+                    warmup_epochs=round(warmup_steps / per_epoch, 6), warmup_steps=warmup, lr_left_at_end=round(left, 4))
+    return {"steps": steps, "arms": arms}
 
 
 class StepFile:
@@ -176,7 +263,8 @@ def run_budgeted(name: str, cmd: list[str], steps: StepFile, budget: float, log_
         busy0, own0 = busy_cpu_s(), own_cpu_s()
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
-        sigterm_at, next_report = None, start + max(10.0, budget / 15)
+        every = max(10.0, budget / 15) if math.isfinite(budget) else 60.0
+        sigterm_at, next_report = None, start + every
         try:
             while proc.poll() is None:
                 time.sleep(0.1)
@@ -197,7 +285,7 @@ def run_budgeted(name: str, cmd: list[str], steps: StepFile, budget: float, log_
                     step = steps.seen[-1][0] if steps.seen else 0
                     log(f"{name}: {now - start:5.0f}/{budget:.0f} s, step {step}"
                         + (f", {rate:.1f} views/s" if rate else ""))
-                    next_report = now + max(10.0, budget / 15)
+                    next_report = now + every
         finally:
             if proc.poll() is None:  # interrupted: stop the child too
                 proc.terminate()
@@ -242,23 +330,31 @@ def evaluate(encoder: Path, floor: bool, device: str) -> dict:
 
 def train_ours(args, store: Path, seed: int, patches: int, augment: str = "auto") -> dict:
     name = f"ours-s{seed}" + ("" if augment == "auto" else f"-{augment}")
-    run_dir = args.work / "runs" / name
+    return pretrain_and_export(args, name, store, args.work, seed, args.ours_epochs, augment, [], args.budget)
+
+
+def pretrain_and_export(args, name: str, store: Path, folder: Path, seed: int, epochs: int, augment: str,
+                        flags: list[str], budget: float) -> dict:
+    """``simclr-path pretrain`` (``small``, batch 128) as a fresh run in ``folder/runs/name``, stopped
+    by SIGTERM at ``budget`` seconds (inf: runs to its end), then exported to ``folder/name.pt``.
+    ``flags`` come after ours, ``--ours-args`` after them."""
+    run_dir = folder / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run, never a resumed one
     run_dir.mkdir(parents=True)
     cmd = SIMCLR_PATH + ["pretrain", str(store), "--out", str(run_dir), "--config", "small", "--batch", str(BATCH),
-                         "--epochs", str(args.ours_epochs), "--seed", str(seed), "--workers", str(WORKERS),
-                         "--device", args.device, "--quiet"] + shlex.split(args.ours_args)
+                         "--epochs", str(epochs), "--seed", str(seed), "--workers", str(WORKERS),
+                         "--device", args.device, "--quiet"] + flags + shlex.split(args.ours_args)
     if augment != "auto":
         cmd += ["--augment", augment]
     steps = StepFile(run_dir / "metrics.jsonl", has_step=lambda r: "loss" in r)
-    run = run_budgeted(f"{name}", cmd, steps, args.budget, args.work / f"{name}.log")
+    run = run_budgeted(f"{name}", cmd, steps, budget, folder / f"{name}.log")
     # 143: stopped on SIGTERM, checkpoint saved. -15: the SIGTERM came in the instant between pretrain
     # returning its summary and the process exiting (a schedule that ends right at the budget); the
     # export below checks that the checkpoint holds every step that was logged.
     if run["returncode"] not in (0, 143, -signal.SIGTERM):
-        raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(args.work / f'{name}.log')}")
-    encoder = args.work / f"{name}.pt"
+        raise RuntimeError(f"pretrain exited {run['returncode']}:\n{log_tail(folder / f'{name}.log')}")
+    encoder = folder / f"{name}.pt"
     exported = run_tool(["export", str(run_dir), str(encoder)], "simclr-path export")
     run.update(steps=int(exported["steps"]), encoder=str(encoder), command=shlex.join(cmd))
     if run["steps"] < run["steps_seen"]:
@@ -266,14 +362,65 @@ def train_ours(args, store: Path, seed: int, patches: int, augment: str = "auto"
     return run
 
 
-def train_baseline(args, seed: int) -> dict:
+def scored(args, run: dict, patches: int, results: dict) -> dict:
+    """``run`` with its epochs and its PCam test scores; the evaluation's split and (the first time)
+    the random-init floor go into ``results``."""
+    record = dict(run, epochs=round(run["steps"] * BATCH / patches, 3))
+    floor = "random_init" not in results  # the floor once, from the first evaluation
+    result = evaluate(Path(run["encoder"]), floor, args.device)
+    record.update(scores(result["pretrained"]))
+    results["eval"] = {k: result[k] for k in ("n_train", "n_test", "classes", "split", "groups") if k in result}
+    if floor and "random_init" in result:
+        results["random_init"] = scores(result["random_init"])
+    return record
+
+
+def ink_arm(args, ink: dict, seed: int, arm: str, results: dict) -> dict:
+    """One arm (``off``/``on``) of the QC comparison for ``seed``: pretrained at ``ink["steps"]`` on
+    the inked store (:func:`ink_plan`), run to its end, exported and scored. Cached with its settings
+    in ``WORK/ink/<tag>/``: a rerun with the same settings reuses it, other settings train it again."""
+    plan = ink["arms"][arm]
+    name, folder = f"ours-qc-{arm}-s{seed}", args.work / "ink" / ink["tag"]
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / f"{name}.json"
+    settings = json.loads(json.dumps({
+        "store": ink["store"], "truth": ink["truth_file"], "steps": ink["steps"], "seed": seed,
+        "plan": {key: plan[key] for key in ("exclude_qc", "patches", "epochs", "warmup_epochs")},
+        "ours_args": args.ours_args, "device": args.device, "augment": args.augment, "batch": BATCH}))
+    if record_path.exists():
+        cached = json.loads(record_path.read_text())
+        if cached.get("settings") == settings:
+            log(f"{name}: cached ({record_path})")
+            for key in ("eval", "random_init"):
+                if cached.get(key) and key not in results:
+                    results[key] = cached[key]
+            return cached["record"]
+        log(f"{name}: {record_path} was made with other settings; training again")
+    flags = ["--max-steps", str(ink["steps"]), "--warmup-epochs", str(plan["warmup_epochs"]),
+             "--exclude-qc", plan["exclude_qc"]]
+    run = pretrain_and_export(args, name, Path(ink["store"]), folder, seed, plan["epochs"], args.augment, flags,
+                              math.inf)
+    if run["steps"] != ink["steps"]:
+        raise RuntimeError(f"{name}: trained {run['steps']} steps, not {ink['steps']}")
+    had_floor = "random_init" in results
+    record = scored(args, run, plan["patches"], results)
+    record.update(patches_trained=plan["patches"], exclude_qc=plan["exclude_qc"])
+    cache = {"settings": settings, "record": record, "eval": results.get("eval"),
+             "random_init": None if had_floor else results.get("random_init")}
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cache, indent=1) + "\n")
+    os.replace(tmp, record_path)
+    return record
+
+
+def train_baseline(args, seed: int, images: Path) -> dict:
     encoder = args.work / f"baseline-s{seed}.pt"
     progress = args.work / f"baseline-s{seed}.progress.jsonl"
     for path in (encoder, progress):
         if path.exists():
             path.unlink()
     deadline = time.time() + args.budget  # when SIGTERM comes: the end of its cosine schedule
-    cmd = [sys.executable, str(ROOT / "bench" / "simclr_baseline.py"), str(PCAM / "valid"), "--out", str(encoder),
+    cmd = [sys.executable, str(ROOT / "bench" / "simclr_baseline.py"), str(images), "--out", str(encoder),
            "--batch", str(BATCH), "--workers", str(WORKERS), "--seed", str(seed), "--deadline", f"{deadline:.2f}",
            "--progress", str(progress), "--device", args.device]
     run = run_budgeted(f"baseline seed {seed}", cmd, StepFile(progress), args.budget,
@@ -300,6 +447,70 @@ def fmt(values: list, digits: int, spread: bool) -> str:
     return f"{mean:.{digits}f}"
 
 
+def row_label(key: str) -> str:
+    """A row of the table: ``ours-cpu`` -> ``ours --augment cpu``, ``ours-qc-on`` -> ``ours QC on``."""
+    if key.startswith("ours-qc-"):
+        return f"ours QC {key.rpartition('-')[2]}"
+    return key.replace("ours-", "ours --augment ")
+
+
+def mean_sd(values: list[float]) -> dict:
+    return {"mean": round(statistics.mean(values), 5),
+            "sd": round(statistics.stdev(values), 5) if len(values) > 1 else None, "n": len(values)}
+
+
+def ink_summary(rows: list[dict]) -> dict:
+    """QC off and on over seeds (mean and sd of kNN and linear accuracy), and QC on - off per seed
+    (the seeds where both arms finished) with its mean and sd."""
+    arms = {arm: {r["seed"]: r for r in rows if r["row"] == f"ours-qc-{arm}" and "error" not in r}
+            for arm in ("off", "on")}
+    out: dict = {}
+    for arm, by_seed in arms.items():
+        if by_seed:
+            out[arm] = {"seeds": sorted(by_seed), **{key: mean_sd([r[key] for r in by_seed.values()])
+                                                     for key in ("knn_acc", "linear_acc")}}
+    paired = sorted(set(arms["off"]) & set(arms["on"]))
+    if paired:
+        per_seed = [{"seed": seed, **{key: round(arms["on"][seed][key] - arms["off"][seed][key], 5)
+                                      for key in ("knn_acc", "linear_acc")}} for seed in paired]
+        out["on_minus_off"] = {"per_seed": per_seed,
+                               **{key: mean_sd([d[key] for d in per_seed]) for key in ("knn_acc", "linear_acc")}}
+    return out
+
+
+def print_ink(ink: dict) -> None:
+    """QC's effect: what it flagged against what was painted, and both arms side by side."""
+    qc, coverage = ink["qc"], ink["coverage"] or {}
+    print(f"\nink: {ink['inked_files']} of {ink['qc']['inked'] + ink['qc']['clean']} PCam valid patches inked "
+          f"(ink seed {ink['ink_seed']}; coverage {coverage.get('min', 0):.0%}-{coverage.get('max', 0):.0%}, "
+          f"median {coverage.get('median', 0):.0%}; bench/ink.py), ingested with --qc on")
+    print(f"QC: pen recall {qc['pen_recall']:.3f} ({qc['inked_flagged_pen']} of {qc['inked']} inked patches "
+          f"flagged pen); clean patches dropped ({','.join(qc['excluded_reasons'])}) {qc['clean_dropped_share']:.2%} "
+          f"({qc['clean_dropped']} of {qc['clean']}; {qc['clean_flagged_pen']} of them flagged pen)")
+    summary = ink.get("summary", {})
+    header = f"{'arm':32} | {'patches trained on':>18} | {'steps':>6} | {'kNN acc':>15} | {'linear acc':>15}"
+    print(header)
+    print("-" * len(header))
+    for arm in ("off", "on"):
+        plan, got = ink["arms"][arm], summary.get(arm)
+        cells = [f"{got[k]['mean']:.4f}" + (f" ± {got[k]['sd']:.4f}" if got[k]["sd"] is not None else "")
+                 if got else "-" for k in ("knn_acc", "linear_acc")]
+        label = f"QC {arm} (--exclude-qc {plan['exclude_qc']})"
+        print(f"{label:32} | {plan['patches']:>18} | {ink['steps']:>6} | {cells[0]:>15} | {cells[1]:>15}")
+    diff = summary.get("on_minus_off")
+    if diff:
+        seeds = "; ".join(f"seed {d['seed']}: kNN {100 * d['knn_acc']:+.2f}, linear {100 * d['linear_acc']:+.2f}"
+                          for d in diff["per_seed"])
+        spread = {k: f" ± {100 * diff[k]['sd']:.2f}" if diff[k]["sd"] is not None else "" for k in ("knn_acc", "linear_acc")}
+        print(f"QC on - off, points: {seeds}. Mean kNN {100 * diff['knn_acc']['mean']:+.2f}{spread['knn_acc']}, "
+              f"linear {100 * diff['linear_acc']['mean']:+.2f}{spread['linear_acc']}")
+    schedules = "; ".join(
+        f"QC {arm} {plan['epochs']} epochs of {plan['steps_per_epoch']} steps, warm-up {plan['warmup_steps']}, stopped "
+        f"at step {ink['steps']} of {plan['schedule_steps']} ({plan['lr_left_at_end']:.1%} of the peak learning rate)"
+        for arm, plan in ink["arms"].items())
+    print(f"schedules: {schedules}")
+
+
 def print_table(results: dict) -> None:
     m, rows = results["machine"], results["runs"]
     print(f"\nmachine: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
@@ -308,9 +519,17 @@ def print_table(results: dict) -> None:
     if results["device"] == "cpu":
         print("precision: ours " + ("bf16 autocast (native on this CPU)" if m.get("cpu_native_bf16") else "fp32")
               + ", baseline fp32 (the textbook loop)")
-    print(f"budget: {results['budget_s']:.0f} s wall-clock per training run (start-up included), batch {BATCH}, "
-          f"{WORKERS} workers, {results['patches']} PCam valid patches; ours: --epochs {results['ours_epochs']}"
-          + (f" {results['ours_args']}" if results["ours_args"] else ""))
+    ink = results.get("ink")
+    if ink:
+        print(f"ours: {ink['steps']} steps per arm, each run to its end, batch {BATCH}, {WORKERS} workers, on PCam "
+              f"valid with {ink['share']:.0%} of it inked ({results['patches']} patches)"
+              + (f", {results['ours_args']}" if results["ours_args"] else "")
+              + (f"; baseline: {results['budget_s']:.0f} s wall-clock on the same images"
+                 if any(r["row"] == "baseline" for r in rows) else ""))
+    else:
+        print(f"budget: {results['budget_s']:.0f} s wall-clock per training run (start-up included), batch {BATCH}, "
+              f"{WORKERS} workers, {results['patches']} PCam valid patches; ours: --epochs {results['ours_epochs']}"
+              + (f" {results['ours_args']}" if results["ours_args"] else ""))
     if results.get("eval"):
         e = results["eval"]
         print(f"eval: PCam test, {e['n_train']} train / {e['n_test']} test patches ({e.get('split', 'stratified')} split, seed 0), "
@@ -330,7 +549,7 @@ def print_table(results: dict) -> None:
 
     seeds = sorted({r["seed"] for r in rows})
     keys = sorted({r["row"] for r in rows if r["row"].startswith("ours")}) + ["baseline"]
-    for key, label in ((k, k.replace("ours-", "ours --augment ")) for k in keys):
+    for key, label in ((k, row_label(k)) for k in keys):
         group = [r for r in rows if r["row"] == key]
         for r in group:
             if "error" in r:
@@ -352,8 +571,10 @@ def print_table(results: dict) -> None:
                          - statistics.mean(r[key] for r in by_augment["cpu"]))
             print(f"--augment device - cpu, {title}: {gap:+.2f} points (mean over seeds "
                   f"{sorted(r['seed'] for r in by_augment['device'])}; target within 1)")
+    if ink:
+        print_ink(ink)
     ours = [r for r in rows if r["row"].startswith("ours") and "error" not in r]
-    if ours and results["ours_epochs_default"]:
+    if ours and results["ours_epochs_default"] and not ink:
         done = statistics.mean(r["steps"] for r in ours) / (results["patches"] // BATCH)  # pretrain's epochs
         print(f"\nours' schedule spans {results['ours_epochs']} epochs and {done:.1f} were done: "
               f"--ours-epochs {max(1, round(done))} would end its cosine near the budget")
@@ -371,18 +592,42 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="write every number (balanced accuracies too) as JSON")
     parser.add_argument("--augment", choices=["auto", "cpu", "device", "both"], default="auto",
                         help="ours' pretrain --augment; both: one run of each per seed, and their difference")
+    parser.add_argument("--ink-share", type=float, default=None,
+                        help="QC's effect: ink this share of PCam valid (bench/ink.py), train ours with QC off and on")
+    parser.add_argument("--ink-seed", type=int, default=0, help="which images are inked, and how [0]")
+    parser.add_argument("--ours-steps", type=int, default=None,
+                        help="with --ink-share: steps of each arm [--ours-epochs of the whole store]")
     args = parser.parse_args()
+    if args.ink_share is not None and not 0 < args.ink_share < 1:
+        parser.error(f"--ink-share must be between 0 and 1, got {args.ink_share}")
+    if args.ink_share is not None and args.augment == "both":
+        parser.error("--ink-share compares QC off and on: give one --augment, not both")
+    if args.ours_steps is not None and (args.ink_share is None or args.ours_steps < 1):
+        parser.error("--ours-steps is the step count of --ink-share's arms (>= 1)")
     ours_epochs_default = args.ours_epochs is None
     args.ours_epochs = args.ours_epochs or 38
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
-    store = ensure_store(args.work, PCAM / "valid")
+    ink = None
+    if args.ink_share is None:
+        images = PCAM / "valid"
+        store = ensure_store(args.work, images)
+    else:
+        images, truth = ensure_inked(args.work, args.ink_share, args.ink_seed)
+        store = ensure_store(args.work, images, images.name, qc="on")
+        ink = {"share": args.ink_share, "ink_seed": args.ink_seed, "folder": str(images),
+               "truth_file": str(truth_path(images)), "store": str(store),
+               "inked_files": truth["inked_files"], "coverage": truth["coverage"],
+               "qc": qc_against_truth(store, truth), **ink_plan(args, store)}
+        ink["tag"] = f"{images.name}-{ink['steps']}steps"
     patches = len(PatchStore(str(store)))
     results = {"machine": machine(), "device": args.device, "budget_s": args.budget, "batch": BATCH,
                "workers": WORKERS, "patches": patches, "seeds": args.seeds, "ours_epochs": args.ours_epochs,
                "ours_epochs_default": ours_epochs_default, "ours_args": args.ours_args, "store": str(store),
                "runs": []}
+    if ink:
+        results["ink"] = ink
     log(f"machine: {results['machine']}")
 
     def save():
@@ -391,22 +636,22 @@ def main():
 
     failed = False
     for seed in args.seeds:
-        augments = ("cpu", "device") if args.augment == "both" else (args.augment,)
-        ours_rows = ["ours" if a == "auto" else f"ours-{a}" for a in augments]
+        if ink:
+            ours_rows = ["ours-qc-off", "ours-qc-on"]
+        else:
+            augments = ("cpu", "device") if args.augment == "both" else (args.augment,)
+            ours_rows = ["ours" if a == "auto" else f"ours-{a}" for a in augments]
         for row in ours_rows if args.skip_baseline else ours_rows + ["baseline"]:
             record = {"row": row, "seed": seed}
             try:
-                augment = row.partition("-")[2] or "auto"
-                run = train_ours(args, store, seed, patches, augment) if row.startswith("ours") \
-                    else train_baseline(args, seed)
-                record.update(run, epochs=round(run["steps"] * BATCH / patches, 3))
-                floor = "random_init" not in results  # the floor once, from the first evaluation
-                result = evaluate(Path(run["encoder"]), floor, args.device)
-                record.update(scores(result["pretrained"]))
-                results["eval"] = {k: result[k] for k in ("n_train", "n_test", "classes", "split", "groups") if k in result}
-                if floor and "random_init" in result:
-                    results["random_init"] = scores(result["random_init"])
-                log(f"{row} seed {seed}: {run['steps']} steps, kNN {record['knn_acc']:.4f}, "
+                if row.startswith("ours-qc-"):
+                    record.update(ink_arm(args, ink, seed, row.rpartition("-")[2], results))
+                else:
+                    augment = row.partition("-")[2] or "auto"
+                    run = train_ours(args, store, seed, patches, augment) if row.startswith("ours") \
+                        else train_baseline(args, seed, images)
+                    record.update(scored(args, run, patches, results))
+                log(f"{row} seed {seed}: {record['steps']} steps, kNN {record['knn_acc']:.4f}, "
                     f"linear {record['linear_acc']:.4f}")
             except Exception as exc:  # keep the other rows
                 failed = True
@@ -414,6 +659,9 @@ def main():
                 log(f"{row} seed {seed} FAILED: {record['error']}")
             results["runs"].append(record)
             save()
+    if ink:
+        ink["summary"] = ink_summary(results["runs"])
+        save()
     print_table(results)
     if args.out:
         log(f"results written to {args.out}")

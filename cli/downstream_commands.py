@@ -40,17 +40,22 @@ def embed(encoder, stores, out, device, batch, workers, exclude_qc, quiet):
 Examples:
   simclr-path ingest pcam/valid --out pcam-valid.h5 --mpp 0.97      # folder per class: labels kept
   simclr-path ingest my_tiles/ --out tiles.h5 --size 224 --no-labels
+  simclr-path ingest pcam/valid --out v.h5 --qc off                 # no QC datasets, as before QC
 """)
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="New patch store (.h5).")
 @click.option("--size", type=int, default=None, help="Resize every image to SIZE x SIZE [default: keep].")
 @click.option("--mpp", type=float, default=None, help="Microns per pixel of the images, if known.")
 @click.option("--labels/--no-labels", default=True, show_default=True, help="Keep top-level folder names as labels.")
-def ingest(folder, out, size, mpp, labels):
+@click.option("--qc", "qc", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Flag pen ink, blur and folds per image as 'tile' does, blur and folds against each top-level "
+                   "folder (stored; pretrain/embed/select leave pen and blur out).")
+def ingest(folder, out, size, mpp, labels, qc):
     """Put a folder of patch images (png/jpg/tif, recursively) into a patch store."""
     from simclr_path.store.ingest import ingest_folder
+    from simclr_path.wsi.qc import PatchQC
 
-    echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp))
+    echo_json(ingest_folder(folder, out, size=size, labels=labels, mpp=mpp, qc=PatchQC() if qc == "on" else None))
 
 
 @click.command("eval", epilog="""\b

@@ -288,7 +288,8 @@ def test_group_problems_are_one_line_errors(tiny_encoder, tmp_path, case):
 # --- embed: streaming, resumable per slide ------------------------------------------------------
 
 def _random_tiles(root, counts, seed=0):
-    """Class folders of random 16 px PNGs: after ingest, one 'slide' per folder."""
+    """Class folders of random 16 px PNGs: after ingest, one 'slide' per folder. Ingest them with
+    ``--qc off``: QC takes coloured noise for ink and would leave every patch out."""
     rng = np.random.default_rng(seed)
     for c, n in counts.items():
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -301,7 +302,7 @@ def _random_tiles(root, counts, seed=0):
 def tiles_store(tmp_path_factory):
     """Three slides of 7, 12 and 5 patches: with --batch 5 slides end mid-batch."""
     root = _random_tiles(tmp_path_factory.mktemp("tiles") / "tiles", {"a": 7, "b": 12, "c": 5})
-    one_json(run_cli("ingest", root, "--out", root.parent / "tiles.h5"))
+    one_json(run_cli("ingest", root, "--out", root.parent / "tiles.h5", "--qc", "off"))
     return root.parent / "tiles.h5"
 
 
@@ -417,7 +418,7 @@ def test_embed_recomputes_slides_of_another_encoder_or_changed_patches(tiny_enco
     from simclr_path.runtime.files import file_sha256
 
     root = _random_tiles(tmp_path / "tiles", {"a": 3, "b": 4, "c": 2})
-    one_json(run_cli("ingest", root, "--out", tmp_path / "v1.h5"))
+    one_json(run_cli("ingest", root, "--out", tmp_path / "v1.h5", "--qc", "off"))
     out = tmp_path / "features"
     _embed(tiny_encoder, [tmp_path / "v1.h5"], out)
     with h5py.File(out / "h5_files" / "a.h5") as f:
@@ -432,7 +433,7 @@ def test_embed_recomputes_slides_of_another_encoder_or_changed_patches(tiny_enco
         assert f.attrs["encoder_sha256"] == file_sha256(str(other_encoder))
     # the folder re-ingested with one more image of class b: only slide b is embedded again
     cv2.imwrite(str(root / "b" / "b999.png"), np.zeros((16, 16, 3), np.uint8))
-    one_json(run_cli("ingest", root, "--out", tmp_path / "v2.h5"))
+    one_json(run_cli("ingest", root, "--out", tmp_path / "v2.h5", "--qc", "off"))
     summary, _ = _embed(other_encoder, [tmp_path / "v2.h5"], out)
     assert (summary["slides_embedded"], summary["slides_skipped"], summary["patches"]) == (1, 2, 10)
     with h5py.File(out / "features.h5") as f:

@@ -457,7 +457,8 @@ def test_stores_of_different_resolutions_need_mixed_mpp_and_are_all_recorded(tmp
     stores = []
     for mpp in (0.5, 0.25):
         stores.append(tmp_path / f"s{mpp}.h5")
-        assert run_cli("ingest", tmp_path / "images", "--out", stores[-1], "--no-labels", "--mpp", mpp).exit_code == 0
+        assert run_cli("ingest", tmp_path / "images", "--out", stores[-1], "--no-labels", "--mpp", mpp,
+                       "--qc", "off").exit_code == 0  # QC takes coloured noise for ink
     args = ["--backbone", "resnet10t", "--batch", 16, "--image-size", 48, "--max-steps", 1, "--device", "cpu",
             "--workers", 0, "-q"]
     assert_error(run_cli("pretrain", *stores, "--out", tmp_path / "run", *args), "different resolutions",
@@ -487,7 +488,8 @@ def test_export_takes_whole_patches_at_the_view_size_times_input_scale(tmp_path)
     for i in range(24):
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     store = tmp_path / "s.h5"
-    assert run_cli("ingest", tmp_path / "images", "--out", store, "--no-labels", "--mpp", 0.5).exit_code == 0
+    assert run_cli("ingest", tmp_path / "images", "--out", store, "--no-labels", "--mpp", 0.5,
+                   "--qc", "off").exit_code == 0  # QC takes coloured noise for ink
     args = ["--backbone", "resnet10t", "--batch", 16, "--image-size", 32, "--device", "cpu", "--workers", 0, "-q"]
     assert_error(run_cli("pretrain", store, "--out", tmp_path / "bad", *args, "--input-scale", 0), "--input-scale")
     assert_error(run_cli("pretrain", store, "--out", tmp_path / "bad", *args, "--input-scale", 0.25),

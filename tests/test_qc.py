@@ -1,6 +1,7 @@
-"""Tissue QC while tiling (`simclr-path tile --qc`): pen ink, blur and folds flagged per patch,
-stored in the store, left out by `pretrain`/`embed`/`select` through `--exclude-qc`; synthetic
-slides with artefacts at known positions, and the real H&E slides for "no stain is taken for ink"."""
+"""Tissue QC while tiling (`simclr-path tile --qc`) and ingesting (`simclr-path ingest --qc`): pen
+ink, blur and folds flagged per patch, stored in the store, left out by `pretrain`/`embed`/`select`
+through `--exclude-qc`; synthetic slides with artefacts at known positions, real PCam patches with
+ink painted on some, and the real H&E slides for "no stain is taken for ink"."""
 
 import json
 
@@ -233,3 +234,97 @@ def test_pretrain_trains_on_the_kept_patches_and_refuses_a_changed_exclusion_on_
     assert ckpt["store"]["exclude_qc"] == ["pen", "blur"] and ckpt["config"]["run"]["exclude_qc"] == "pen,blur"
     r = run_cli("pretrain", qc_store, "--out", run, *tiny, "--max-steps", 2, "--exclude-qc", "none")
     assert_one_line_error(r, "--exclude-qc pen,blur, not none")
+
+
+# `simclr-path ingest --qc`: the same QC on a folder of patch images, each top-level folder a "slide".
+
+CLEAN_PER_CLASS, INKED_PER_CLASS = 12, 2
+
+
+@pytest.fixture(scope="module")
+def inked_folder(pcam, tmp_path_factory):
+    """Real PCam valid patches in class folders: the first 12 of each class as they are, the next 2
+    with a marker stroke painted over them (multiplied in, as ink absorbs light) and named ``inked-*``."""
+    folder = tmp_path_factory.mktemp("inked") / "valid"
+    for label, ink in (("0", "blue"), ("1", "black")):
+        sources = sorted((pcam / "valid" / label).glob("*.jpg"))[: CLEAN_PER_CLASS + INKED_PER_CLASS]
+        (folder / label).mkdir(parents=True)
+        for source in sources[:CLEAN_PER_CLASS]:
+            (folder / label / source.name).write_bytes(source.read_bytes())
+        for k, source in enumerate(sources[CLEAN_PER_CLASS:]):
+            rgb = cv2.cvtColor(cv2.imread(str(source)), cv2.COLOR_BGR2RGB)
+            stroke = np.zeros(rgb.shape[:2], np.uint8)
+            cv2.line(stroke, (0, 10 + 30 * k), (95, 60 + 20 * k), 1, 10)  # a 10 px line: ~12% of the patch
+            factor = (np.array(INKS[ink], np.float32) / 255.0) ** 0.8
+            rgb[stroke > 0] = (rgb[stroke > 0] * factor).astype(np.uint8)
+            cv2.imwrite(str(folder / label / f"inked-{source.name}"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return folder
+
+
+def _flags_by_file(path) -> dict[str, int]:
+    with h5py.File(path) as f:
+        return {name.decode(): int(flag) for label in ("0", "1")
+                for name, flag in zip(f[f"slides/{label}/source_files"][()], f[f"slides/{label}/qc_flags"][()])}
+
+
+def test_ingest_flags_the_inked_images_pen_and_no_clean_one(inked_folder, tmp_path):
+    out = tmp_path / "on.h5"
+    summary = one_json(run_cli("ingest", inked_folder, "--out", out, "--mpp", 0.97))  # --qc on by default
+    flags = _flags_by_file(out)
+    assert len(flags) == 2 * (CLEAN_PER_CLASS + INKED_PER_CLASS)
+    inked = {name for name in flags if "inked-" in name}
+    assert len(inked) == 2 * INKED_PER_CLASS
+    assert all(flags[name] & PEN for name in inked)
+    assert not any(flags[name] & PEN for name in flags if name not in inked)
+    total = summary["qc"]["total"]
+    assert total["pen"] == 2 * INKED_PER_CLASS and total["clean"] + total["excluded"] <= len(flags)
+    assert summary["qc"]["slides"]["0"]["pen"] == summary["qc"]["slides"]["1"]["pen"] == INKED_PER_CLASS
+    assert sum(counts["clean"] for counts in summary["qc"]["slides"].values()) == total["clean"]
+    info = one_json(run_cli("info", out))["stores"][0]
+    assert info["qc"] == {k: v for k, v in total.items() if k != "excluded"}
+    assert {s["name"]: s["qc"]["pen"] for s in info["slides"]} == {"0": INKED_PER_CLASS, "1": INKED_PER_CLASS}
+
+
+def test_exclude_qc_leaves_the_inked_images_of_an_ingested_store_out(inked_folder, tmp_path):
+    out = tmp_path / "on.h5"
+    one_json(run_cli("ingest", inked_folder, "--out", out))
+    everything = PatchStore(out, exclude_qc="none")
+    assert len(everything) == len(everything.indices()) == 2 * (CLEAN_PER_CLASS + INKED_PER_CLASS)
+    store = PatchStore(out, exclude_qc="pen")
+    with h5py.File(out) as f:
+        files = [name.decode() for label in ("0", "1") for name in f[f"slides/{label}/source_files"][()]]
+    kept = {files[i] for i in store.indices()}
+    assert kept == {name for name in files if "inked-" not in name}
+    assert [store.label(int(i)) for i in store.indices()] == [0] * CLEAN_PER_CLASS + [1] * CLEAN_PER_CLASS
+
+
+def test_ingested_groups_carry_the_qc_datasets_and_attributes_a_tiled_slide_does(inked_folder, qc_store, tmp_path):
+    out = tmp_path / "on.h5"
+    one_json(run_cli("ingest", inked_folder, "--out", out))
+    with h5py.File(out) as ingested, h5py.File(qc_store) as tiled:
+        assert ingested.attrs["qc"] == tiled.attrs["qc"] == "on"
+        group, slide = ingested["slides/0"], tiled["slides/qc"]
+        assert {k for k in group.attrs if k.startswith("qc_")} == {k for k in slide.attrs if k.startswith("qc_")}
+        assert list(group["qc_scores"].attrs["names"]) == list(slide["qc_scores"].attrs["names"])
+        assert list(group["qc_flags"].attrs["reasons"]) == list(slide["qc_flags"].attrs["reasons"])
+        assert group["qc_scores"].shape == (CLEAN_PER_CLASS + INKED_PER_CLASS, len(SCORE_NAMES))
+        assert group.attrs["qc_pen"] == INKED_PER_CLASS and group.attrs["qc_pen_min_fraction"] == 0.02
+
+
+def test_ingest_qc_off_stores_the_same_patches_and_no_qc(inked_folder, tmp_path):
+    on, off = tmp_path / "on.h5", tmp_path / "off.h5"
+    one_json(run_cli("ingest", inked_folder, "--out", on))
+    summary = one_json(run_cli("ingest", inked_folder, "--out", off, "--qc", "off"))
+    assert summary["qc"] is None and summary["patches"] == 2 * (CLEAN_PER_CLASS + INKED_PER_CLASS)
+    with h5py.File(off) as a, h5py.File(on) as b:
+        assert a.attrs["qc"] == "off"
+        for label in ("0", "1"):
+            assert sorted(a[f"slides/{label}"].keys()) == ["coords", "labels", "patches", "source_files",
+                                                           "tissue_fraction"]
+            assert not any(k.startswith("qc_") for k in a[f"slides/{label}"].attrs)
+            for i in range(CLEAN_PER_CLASS + INKED_PER_CLASS):
+                assert bytes(a[f"slides/{label}/patches"][i]) == bytes(b[f"slides/{label}/patches"][i])
+    store = PatchStore(off, exclude_qc="pen,blur")
+    assert store.included().all() and not store.qc_flags().any()
+    assert one_json(run_cli("info", off))["stores"][0]["qc"] is None

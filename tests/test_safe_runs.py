@@ -26,7 +26,8 @@ def tiny_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(24):
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    one_json(run_cli("ingest", root / "images", "--out", root / "s.h5", "--no-labels", "--mpp", 0.5))
+    # QC takes some coloured noise for ink: off, so every patch trains
+    one_json(run_cli("ingest", root / "images", "--out", root / "s.h5", "--no-labels", "--mpp", 0.5, "--qc", "off"))
     summary = one_json(run_cli("pretrain", root / "s.h5", "--out", root / "run", *TINY_PRETRAIN, "--max-steps", 1))
     assert summary["step"] == 1 < summary["total_steps"]
     return root, root / "run"
@@ -249,7 +250,7 @@ def test_a_slide_without_mpp_is_told_magnification_only_when_it_has_objective_po
 def test_resume_after_the_store_grew_names_the_store_change(tiny_run, tmp_path):
     root, _ = tiny_run
     store = tmp_path / "s.h5"
-    one_json(run_cli("ingest", root / "images", "--out", store, "--no-labels", "--mpp", 0.5))
+    one_json(run_cli("ingest", root / "images", "--out", store, "--no-labels", "--mpp", 0.5, "--qc", "off"))
     run = tmp_path / "run"
     one_json(run_cli("pretrain", store, "--out", run, *TINY_PRETRAIN, "--max-steps", 1))
     bigger = tmp_path / "images"
@@ -257,7 +258,7 @@ def test_resume_after_the_store_grew_names_the_store_change(tiny_run, tmp_path):
         (bigger / copy).mkdir(parents=True)
         for image in (root / "images" / "a").iterdir():
             (bigger / copy / image.name).write_bytes(image.read_bytes())
-    one_json(run_cli("ingest", bigger, "--out", tmp_path / "grown.h5", "--no-labels", "--mpp", 0.5))
+    one_json(run_cli("ingest", bigger, "--out", tmp_path / "grown.h5", "--no-labels", "--mpp", 0.5, "--qc", "off"))
     os.replace(tmp_path / "grown.h5", store)  # the same store path, now with more patches
     assert_error(run_cli("pretrain", store, "--out", run, *TINY_PRETRAIN, "--max-steps", 2),
                  "the stores changed since this run started", "24 patches then, 48 now", "new --out")

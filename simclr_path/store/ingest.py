@@ -7,6 +7,17 @@ convention), each group also holds ``labels`` (int64 index into the root attribu
 ``class_names``). Images already JPEG at the stored size keep their original bytes; the rest are
 decoded, resized with area interpolation (``--size``) and re-encoded. Coordinates have no meaning
 here and are -1; ``source_files`` holds each patch's path relative to the folder.
+
+With a QC measure (``--qc on``, the default of the command), every image is measured on its pixels
+at the stored size and each group is flagged as ``tile`` flags a slide (blur and folds against the
+group's own distribution), stored in the same datasets and attributes (:mod:`simclr_path.store.qc`),
+so ``--exclude-qc`` and ``info`` read an ingested store as a tiled one. The measure is passed in
+(``simclr_path.wsi.qc.PatchQC``): the store stage never imports the slide stage.
+
+Example (``PatchQC`` is ``simclr_path.wsi.qc.PatchQC``)::
+
+    ingest_folder("pcam/valid", "pcam-valid.h5", mpp=0.97, qc=PatchQC())["qc"]["total"]
+    # {"pen": 9, "blur": 30, "fold": 0, "clean": 2964, "excluded": 36}
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import numpy as np
 from simclr_path.errors import SimclrPathError
 from simclr_path.runtime.images import resize_image
 from simclr_path.store.codecs import create_pixel_dataset, encode_jpeg, write_patches
+from simclr_path.store.format import QC_KEY
+from simclr_path.store.qc import QCMeasure, qc_summary, write_qc
 from simclr_path.store.writer import StoreWriter
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -61,7 +74,7 @@ def _is_jpeg(path: Path) -> bool:
 
 
 def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool = True, mpp: float | None = None,
-                  jpeg_quality: int = 90) -> dict:
+                  jpeg_quality: int = 90, qc: QCMeasure | None = None) -> dict:
     """Write every image under ``folder`` into the store ``out``; returns a summary.
 
     Args:
@@ -69,6 +82,9 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
             first image's size, and every image must then be square and that size).
         labels: keep the top-level folder names as class labels.
         mpp: microns per pixel of the images, if known (recorded; PCam is about 0.97).
+        qc: measures and flags QC per group (``simclr_path.wsi.qc.PatchQC()``); None: no QC
+            datasets, root attribute ``qc`` = ``"off"``. The summary's ``qc`` holds the patches per
+            reason, in total and per group (``"slides"``, as ``tile`` prints it), or None.
     """
     groups = find_images(folder)
     first = read_image(next(iter(groups.values()))[0])
@@ -81,11 +97,12 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
     if mpp is not None and not mpp > 0:
         raise SimclrPathError(f"--mpp must be > 0, got {mpp}")
     attrs = _spec_attrs(size, mpp, jpeg_quality)
+    attrs[QC_KEY] = "off" if qc is None else "on"
     class_names = sorted(groups) if labels else []
     if os.path.exists(out):
         raise SimclrPathError(f"{out}: already exists; ingest into a new --out")
     writer = StoreWriter(out, attrs)
-    total = 0
+    total, counts = 0, {}
     try:
         if class_names:
             writer.file.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
@@ -102,8 +119,15 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
             if class_names:
                 group.create_dataset("labels", data=np.full(len(paths), class_names.index(name), dtype=np.int64))
             dataset = create_pixel_dataset(group, "jpeg", len(paths), size)
+            scores = None if qc is None else np.zeros((len(paths), len(qc.score_names)), np.float32)
             for index, path in enumerate(paths):
-                write_patches(dataset, index, [_encoded(path, size, jpeg_quality)], "jpeg")
+                encoded, pixels = _encoded(path, size, jpeg_quality)
+                write_patches(dataset, index, [encoded], "jpeg")
+                if qc is not None:
+                    scores[index] = qc.scores(pixels)
+            if qc is not None:
+                flags, stats = qc.flags(scores)
+                counts[name] = write_qc(group, scores, flags, qc.score_names, qc.params, stats)
             writer.commit(name)
             total += len(paths)
     except OSError as exc:
@@ -111,14 +135,17 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
     finally:
         writer.close()
     return {"store": os.path.abspath(out), "patches": total, "groups": len(groups), "patch_size": size,
-            "classes": class_names}
+            "classes": class_names, "qc": None if qc is None else qc_summary(counts)}
 
 
-def _encoded(path: Path, size: int, quality: int) -> np.ndarray:
+def _encoded(path: Path, size: int, quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """The JPEG bytes to store for the image at ``path``, and its RGB pixels at the stored size
+    (before encoding, as ``tile`` measures QC on them)."""
     image = read_image(path)
     if image.shape[:2] == (size, size) and _is_jpeg(path):
-        return np.fromfile(str(path), dtype=np.uint8)  # already what we would store: keep its bytes
-    return encode_jpeg(resize_image(image, size), quality)
+        return np.fromfile(str(path), dtype=np.uint8), image  # already what we would store: keep its bytes
+    image = resize_image(image, size)
+    return encode_jpeg(image, quality), image
 
 
 def _spec_attrs(size: int, mpp: float | None, quality: int) -> dict:

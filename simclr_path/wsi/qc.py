@@ -63,7 +63,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from simclr_path.store.format import DEFAULT_EXCLUDE_QC, QC_REASONS, qc_bit
+from simclr_path.store.format import qc_bit
+from simclr_path.store.qc import summarise_flags
+
+__all__ = ["SCORE_NAMES", "PatchQC", "QCParams", "ink_mask", "patch_scores", "slide_flags", "summarise_flags"]
 
 #: Columns of ``qc_scores``, in order.
 SCORE_NAMES = ("pen_fraction", "sharpness", "optical_density")
@@ -301,14 +304,32 @@ def slide_flags(scores: np.ndarray, params: QCParams = QCParams()) -> tuple[np.n
     return flags, stats
 
 
-def summarise_flags(flags: np.ndarray, exclude=DEFAULT_EXCLUDE_QC) -> dict:
-    """Patches per reason (a patch with two reasons counts in both), ``clean`` (no reason) and
-    ``excluded`` (any reason in ``exclude``)."""
-    flags = np.asarray(flags, dtype=np.uint8)
-    out = {reason: int(np.count_nonzero(flags & qc_bit(reason))) for reason in QC_REASONS}
-    out["clean"] = int(np.count_nonzero(flags == 0))
-    mask = 0
-    for reason in exclude:
-        mask |= qc_bit(reason)
-    out["excluded"] = int(np.count_nonzero(flags & mask))
-    return out
+@dataclass(frozen=True)
+class PatchQC:
+    """This module's QC as one object, for a store writer that measures as it writes (``simclr-path
+    ingest --qc on``; it is a :class:`~simclr_path.store.qc.QCMeasure`, which the store stage takes
+    without importing this one).
+
+    Args:
+        thresholds: the :class:`QCParams` to measure and flag with (default: the defaults).
+
+    Example::
+
+        qc = PatchQC()
+        scores = np.stack([qc.scores(p) for p in patches])
+        flags, stats = qc.flags(scores)
+    """
+
+    thresholds: QCParams = QCParams()
+    score_names: tuple[str, ...] = SCORE_NAMES
+
+    @property
+    def params(self) -> dict:
+        """The thresholds as slide attributes (``qc_pen_min_fraction``, ...)."""
+        return self.thresholds.as_attrs()
+
+    def scores(self, rgb: np.ndarray) -> np.ndarray:
+        return patch_scores(rgb, self.thresholds)
+
+    def flags(self, scores: np.ndarray) -> tuple[np.ndarray, dict]:
+        return slide_flags(scores, self.thresholds)

@@ -25,10 +25,11 @@ from simclr_path.runtime.console import Reporter
 from simclr_path.store import StoreWriter
 from simclr_path.store.codecs import create_pixel_dataset, write_patches
 from simclr_path.store.format import DEFAULT_EXCLUDE_QC, QC_REASONS
+from simclr_path.store.qc import qc_summary, write_qc
 from simclr_path.wsi.discover import slide_names
 from simclr_path.wsi.grid import TileSpec
 from simclr_path.wsi.preview import legend_text, write_preview
-from simclr_path.wsi.qc import SCORE_NAMES, QCParams, slide_flags, summarise_flags
+from simclr_path.wsi.qc import SCORE_NAMES, QCParams, slide_flags
 from simclr_path.wsi.slide import open_slide
 from simclr_path.wsi.tile_reader import (
     SlidePlan, fingerprint_slide, plan_tasks, prepare_slide, read_task, worker_init,
@@ -78,16 +79,8 @@ class TileResult:
             "patches_per_s": round(self.patches / self.seconds, 1) if self.seconds > 0 else 0.0,
             "extract_patches_per_s": round(self.patches / self.extract_seconds, 1) if self.extract_seconds > 0 else 0.0,
             "failures": self.failures,
-            "qc": None if self.qc is None else {"total": _total_counts(self.qc.values()), "slides": self.qc},
+            "qc": None if self.qc is None else qc_summary(self.qc),
         }
-
-
-def _total_counts(counts) -> dict:
-    total: dict[str, int] = {}
-    for one in counts:
-        for key, value in one.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 class _InlineExecutor:
@@ -321,8 +314,8 @@ def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result)
         )
         with _disk_errors(writer.path):
             if spec.qc:
-                _write_qc(group, np.zeros((0, len(SCORE_NAMES)), np.float32), np.zeros(0, np.uint8))
-                result.qc[name] = summarise_flags(np.zeros(0, np.uint8))
+                result.qc[name] = write_qc(group, np.zeros((0, len(SCORE_NAMES)), np.float32), np.zeros(0, np.uint8),
+                                           SCORE_NAMES, QCParams().as_attrs())
             writer.commit(name)
         result.slides_tiled += 1
         result.slides_empty += 1
@@ -381,27 +374,12 @@ def _on_read(fut, slide: _Active, indices, writer, spec, active, reporter, resul
         reporter.advance_slide()
 
 
-def _write_qc(group, scores: np.ndarray, flags: np.ndarray, stats: dict | None = None) -> dict:
-    """The slide's ``qc_scores`` and ``qc_flags`` datasets and per-reason counts as attributes."""
-    dataset = group.create_dataset("qc_scores", data=scores.astype(np.float32).reshape(-1, len(SCORE_NAMES)))
-    dataset.attrs["names"] = list(SCORE_NAMES)
-    dataset = group.create_dataset("qc_flags", data=flags.astype(np.uint8))
-    dataset.attrs["reasons"] = list(QC_REASONS)
-    counts = summarise_flags(flags)
-    group.attrs.update({f"qc_{key}": value for key, value in counts.items()})
-    group.attrs.update(QCParams().as_attrs())
-    for reason, values in (stats or {}).items():
-        for key, value in values.items():
-            group.attrs[f"qc_{reason}_{key}"] = np.nan if value is None else value
-    return counts
-
-
 def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
     """Second QC pass once a slide is all measured: flags against the slide's own distribution,
     stored with the scores; then the preview and the per-slide report, if asked for. Returns the
     patches per reason."""
     flags, stats = slide_flags(slide.scores)
-    counts = _write_qc(slide.group, slide.scores, flags, stats)
+    counts = write_qc(slide.group, slide.scores, flags, SCORE_NAMES, QCParams().as_attrs(), stats)
     sp = slide.plan
     if preview_dir and sp.mask is not None:
         legend = legend_text(slide.name, sp.meta.mpp, sp.plan.target_mpp, sp.plan.patch_size, len(sp.coords),
