@@ -66,7 +66,7 @@ import numpy as np
 from simclr_path.store.format import qc_bit
 from simclr_path.store.qc import summarise_flags
 
-__all__ = ["SCORE_NAMES", "PatchQC", "QCParams", "ink_mask", "patch_scores", "slide_flags", "summarise_flags"]
+__all__ = ["SCORE_NAMES", "PatchQC", "QCParams", "batch_scores", "ink_mask", "patch_scores", "slide_flags", "summarise_flags"]
 
 #: Columns of ``qc_scores``, in order.
 SCORE_NAMES = ("pen_fraction", "sharpness", "optical_density")
