@@ -221,6 +221,26 @@ def test_exclude_qc_reaches_select_regions_and_embed(qc_store, tmp_path):
     assert_one_line_error(r, "unknown QC reason 'ink'")
 
 
+def test_embed_of_a_store_qc_leaves_empty_is_one_line_naming_the_way_out(tmp_path):
+    """Every patch inked: embed says so in one line and exits non-zero (was a TypeError traceback)."""
+    from segment_helpers import export_random_encoder
+
+    folder = tmp_path / "inked" / "a"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        patch = he_texture(64, 64, seed=i)
+        patch[:] = (patch * (np.array(INKS["blue"], np.float32) / 255.0)).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{i}.png"), patch[..., ::-1])
+    store = tmp_path / "inked.h5"
+    assert one_json(run_cli("ingest", tmp_path / "inked", "--out", store))["qc"]["total"]["pen"] == 12
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+    r = run_cli("embed", encoder, store, "--out", tmp_path / "feat", "--device", "cpu", "--workers", 0)
+    assert_one_line_error(r, "every patch is flagged pen,blur by QC")
+    r = run_cli("embed", encoder, store, "--out", tmp_path / "feat", "--device", "cpu", "--workers", 0,
+                "--exclude-qc", "none")
+    assert r.exit_code == 0 and one_json(r)["patches"] == 12
+
+
 def test_pretrain_trains_on_the_kept_patches_and_refuses_a_changed_exclusion_on_resume(qc_store, tmp_path):
     from simclr_path.engine.checkpoint import load_checkpoint
 

@@ -310,6 +310,9 @@ def embed_stores(encoder_path: str, stores: list[str], out_dir: str, device: str
     store = PatchStore(stores, exclude_qc=exclude_qc)
     if len(store) == 0:
         raise SimclrPathError(f"{', '.join(stores)}: no patches to embed")
+    if not store.included().any():
+        raise SimclrPathError(f"{', '.join(stores)}: every patch is flagged {','.join(store.exclude_qc)} by QC; "
+                              "embed them anyway with --exclude-qc none")
     slides = _slides(store)
     try:
         for sub in ("h5_files", "pt_files"):
