@@ -197,6 +197,19 @@ def test_tile_json_info_report_and_preview_show_qc(qc_slide, tmp_path):
     assert_one_line_error(r, "--qc-report needs QC")
 
 
+def test_a_qc_report_that_cannot_be_written_names_the_report_not_the_store(qc_slide, tmp_path):
+    (tmp_path / "rep" / "qc.json").mkdir(parents=True)  # where the slide's report must go: a folder
+    r = run_cli("tile", qc_slide, "--out", tmp_path / "p.h5", "--patch-size", 128, "--min-tissue", 0, "--workers", 0, "-q",
+                "--qc-report", tmp_path / "rep")
+    assert_one_line_error(r, "qc.json: cannot write the QC report", "check --qc-report")
+    assert "p.h5" not in r.stderr.split("qc.json")[0]
+    assert not (tmp_path / "rep" / "qc.json.tmp").exists()
+    (tmp_path / "rep" / "qc.json").rmdir()  # fixed: the rerun tiles the slide and writes its report
+    summary = one_json(run_cli("tile", qc_slide, "--out", tmp_path / "p.h5", "--patch-size", 128, "--min-tissue", 0, "--workers", 0,
+                               "-q", "--qc-report", tmp_path / "rep"))
+    assert summary["patches"] == 144 and (tmp_path / "rep" / "qc.json").is_file()
+
+
 def test_exclude_qc_reaches_select_regions_and_embed(qc_store, tmp_path):
     from segment_helpers import export_random_encoder
 
@@ -239,6 +252,21 @@ def test_embed_of_a_store_qc_leaves_empty_is_one_line_naming_the_way_out(tmp_pat
     r = run_cli("embed", encoder, store, "--out", tmp_path / "feat", "--device", "cpu", "--workers", 0,
                 "--exclude-qc", "none")
     assert r.exit_code == 0 and one_json(r)["patches"] == 12
+
+
+def test_select_on_a_slide_qc_leaves_empty_is_one_line_naming_the_way_out(tmp_path):
+    from segment_helpers import export_random_encoder
+
+    inked = (he_texture(768, 768, seed=5) * (np.array(INKS["green"], np.float32) / 255.0)).astype(np.uint8)
+    slide = write_slide(tmp_path / "inked.tif", inked, mpp=0.5)
+    store = tmp_path / "inked.h5"
+    summary = one_json(run_cli("tile", slide, "--out", store, "--patch-size", 128, "--min-tissue", 0, "--workers", 0,
+                               "-q"))
+    assert summary["patches"] == 36 and summary["qc"]["total"]["pen"] == 36
+    encoder = export_random_encoder(tmp_path / "enc.pt")
+    r = run_cli("select", encoder, store, "--budget", 2, "--region-size", 1, "--out", tmp_path / "sel")
+    assert_one_line_error(r, "every patch is flagged pen,blur by QC", "--exclude-qc none")
+    assert not (tmp_path / "sel").exists() or not any((tmp_path / "sel").iterdir())
 
 
 def test_pretrain_trains_on_the_kept_patches_and_refuses_a_changed_exclusion_on_resume(qc_store, tmp_path):

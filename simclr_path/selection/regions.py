@@ -134,6 +134,9 @@ def build_regions(store: PatchStore, size: int) -> Regions:
         columns["members"].append(grid.start + local[order[kept[block_of_patch[order]]]])
     if not slides:
         raise SimclrPathError(f"{', '.join(store.paths)}: no patches; tile slides into the store first")
+    if not columns["counts"]:
+        raise SimclrPathError(f"{', '.join(store.paths)}: every patch is flagged {','.join(store.exclude_qc)} by QC; "
+                              "propose regions from them anyway with --exclude-qc none")
     counts = np.concatenate(columns.pop("counts"))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

@@ -9,6 +9,7 @@ thousands of slides on network storage that was a long, silent stall.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -401,10 +402,15 @@ def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
                          "scores": [None if not np.isfinite(v) else round(float(v), 5) for v in slide.scores[i]]}
                         for i in flagged],
         }
-        tmp = os.path.join(report_dir, f"{slide.name}.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=1)
-        os.replace(tmp, os.path.join(report_dir, f"{slide.name}.json"))
+        path = os.path.join(report_dir, f"{slide.name}.json")
+        try:
+            with open(f"{path}.tmp", "w") as fh:
+                json.dump(report, fh, indent=1)
+            os.replace(f"{path}.tmp", path)
+        except OSError as exc:  # as a preview that cannot be written: this slide fails, the store is fine
+            with contextlib.suppress(OSError):
+                os.remove(f"{path}.tmp")
+            raise SlideError(f"{path}: cannot write the QC report ({exc.strerror or exc}); check --qc-report") from None
     return counts
 
 
