@@ -95,6 +95,23 @@ def test_ingest_keeps_labels_and_jpeg_bytes(pcam, pcam_store, tmp_path):
     assert r.exit_code == 1 and "nothing" in r.stderr
 
 
+
+def test_ingest_stopped_by_a_bad_image_leaves_no_store_and_reruns_once_fixed(pcam, tmp_path):
+    import shutil
+
+    for group in ("a", "b"):
+        (tmp_path / "images" / group).mkdir(parents=True)
+        for path in sorted((pcam / "valid" / "0").iterdir())[:4]:
+            shutil.copy(path, tmp_path / "images" / group / path.name)
+    bad = tmp_path / "images" / "b" / "bad.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "s.h5"
+    r = run_cli("ingest", tmp_path / "images", "--out", out)
+    assert r.exit_code == 1 and "bad.png: not a readable image" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.glob("s.h5*")) == []  # group a was written, then taken back
+    bad.unlink()
+    assert one_json(run_cli("ingest", tmp_path / "images", "--out", out))["patches"] == 8
+
 HOLD_WRITER = """
 import sys
 import numpy as np

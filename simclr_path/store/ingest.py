@@ -22,6 +22,7 @@ Example (``PatchQC`` is ``simclr_path.wsi.qc.PatchQC``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
     if os.path.exists(out):
         raise SimclrPathError(f"{out}: already exists; ingest into a new --out")
     writer = StoreWriter(out, attrs)
-    total, counts = 0, {}
+    total, counts, complete = 0, {}, False
     try:
         if class_names:
             writer.file.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
@@ -130,10 +131,14 @@ def ingest_folder(folder: str, out: str, size: int | None = None, labels: bool =
                 counts[name] = write_qc(group, scores, flags, qc.score_names, qc.params, stats)
             writer.commit(name)
             total += len(paths)
+        complete = True
     except OSError as exc:
-        raise SimclrPathError(f"{out}: write failed ({exc.strerror or exc}); remove it and rerun") from None
+        raise SimclrPathError(f"{out}: write failed ({exc.strerror or exc}); rerun once there is room") from None
     finally:
         writer.close()
+        if not complete:  # a bad image, a full disk, Ctrl-C: no half-written store where a whole one is expected
+            with contextlib.suppress(OSError):
+                os.remove(out)
     return {"store": os.path.abspath(out), "patches": total, "groups": len(groups), "patch_size": size,
             "classes": class_names, "qc": None if qc is None else qc_summary(counts)}
 
