@@ -30,11 +30,16 @@ from simclr_path.store.qc import qc_summary, write_qc
 from simclr_path.wsi.discover import slide_names
 from simclr_path.wsi.grid import TileSpec
 from simclr_path.wsi.preview import legend_text, write_preview
-from simclr_path.wsi.qc import SCORE_NAMES, QCParams, slide_flags
+from simclr_path.wsi.qc import PatchQC
 from simclr_path.wsi.slide import open_slide
 from simclr_path.wsi.tile_reader import (
     SlidePlan, fingerprint_slide, plan_tasks, prepare_slide, read_task, worker_init,
 )
+
+
+#: The QC ``tile`` flags and stores with, as ``ingest`` does (the workers score with
+#: :func:`~simclr_path.wsi.qc.batch_scores` at the same default thresholds).
+_QC = PatchQC()
 
 
 @dataclass
@@ -315,8 +320,8 @@ def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result)
         )
         with _disk_errors(writer.path):
             if spec.qc:
-                result.qc[name] = write_qc(group, np.zeros((0, len(SCORE_NAMES)), np.float32), np.zeros(0, np.uint8),
-                                           SCORE_NAMES, QCParams().as_attrs())
+                result.qc[name] = write_qc(group, np.zeros((0, len(_QC.score_names)), np.float32),
+                                           np.zeros(0, np.uint8), _QC.score_names, _QC.params)
             writer.commit(name)
         result.slides_tiled += 1
         result.slides_empty += 1
@@ -324,7 +329,7 @@ def _on_prepared(fut, path, name, writer, spec, active, tasks, reporter, result)
         return
     slide = _Active(path, name, sp, group, remaining=n)
     if spec.qc:
-        slide.scores = np.full((n, len(SCORE_NAMES)), np.nan, dtype=np.float32)
+        slide.scores = np.full((n, len(_QC.score_names)), np.nan, dtype=np.float32)
     active[name] = slide
     reporter.add_patches(n)
     for indices in plan_tasks(sp):
@@ -379,8 +384,8 @@ def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
     """Second QC pass once a slide is all measured: flags against the slide's own distribution,
     stored with the scores; then the preview and the per-slide report, if asked for. Returns the
     patches per reason."""
-    flags, stats = slide_flags(slide.scores)
-    counts = write_qc(slide.group, slide.scores, flags, SCORE_NAMES, QCParams().as_attrs(), stats)
+    flags, stats = _QC.flags(slide.scores)
+    counts = write_qc(slide.group, slide.scores, flags, _QC.score_names, _QC.params, stats)
     sp = slide.plan
     if preview_dir and sp.mask is not None:
         legend = legend_text(slide.name, sp.meta.mpp, sp.plan.target_mpp, sp.plan.patch_size, len(sp.coords),
@@ -396,7 +401,7 @@ def _finish_qc(slide: _Active, preview_dir, report_dir) -> dict:
         report = {
             "slide": slide.name, "source_path": os.path.abspath(slide.path), "patches": len(flags),
             "counts": counts, "excluded_by_default": list(DEFAULT_EXCLUDE_QC), "slide_stats": stats,
-            "params": QCParams().as_attrs(), "score_names": list(SCORE_NAMES),
+            "params": _QC.params, "score_names": list(_QC.score_names),
             "flagged": [{"x": int(sp.coords[i, 0]), "y": int(sp.coords[i, 1]),
                          "reasons": [r for b, r in enumerate(QC_REASONS) if flags[i] >> b & 1],
                          "scores": [None if not np.isfinite(v) else round(float(v), 5) for v in slide.scores[i]]}
