@@ -42,6 +42,11 @@ Examples:
 @click.option("--encoder-lr-scale", type=float, default=None,
               help="Encoder lr = lr x this [default: 0.1 for our encoder, 1 for timm:<name>].")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--freeze-encoder-steps", type=int, default=0, show_default=True,
+              help="Train the decoder alone for the first N steps (encoder weights and batch norm as given).")
+@click.option("--recalibrate-bn", is_flag=True,
+              help="Before training, re-estimate the encoder's batch-norm statistics on the stores' patches "
+                   "(pretraining recorded them on augmented views).")
 @click.option("--image-size", type=int, default=None,
               help="Network input side, a multiple of 32 [default: matched to the encoder's pretraining um/px].")
 @click.option("--mask-downsample", type=float, default=None, help="Level-0 px per mask px [default: from the mask size].")
@@ -55,7 +60,7 @@ Examples:
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, unlabeled_ratio, ema, rampup, batch,
-            epochs, steps, max_steps, lr, encoder_lr_scale, weight_decay, image_size, mask_downsample, mask_format, device,
+            epochs, steps, max_steps, lr, encoder_lr_scale, weight_decay, freeze_encoder_steps, recalibrate_bn, image_size, mask_downsample, mask_format, device,
             workers,
             seed, checkpoint_every, log_every, quiet):
     """Train a Unet whose encoder is ENCODER (an exported encoder, or timm:<name> for random init)
@@ -73,7 +78,8 @@ def segment(encoder, stores, labels_dir, out, classes, ssl, threshold, cutmix, u
     cfg = SegmentConfig(
         encoder=encoder, classes=classes.split(",") if classes else None, image_size=image_size, batch=batch,
         epochs=epochs, steps=steps, max_steps=max_steps, rampup=rampup, lr=lr,
-        encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay,
+        encoder_lr_scale=encoder_lr_scale, weight_decay=weight_decay, freeze_encoder_steps=freeze_encoder_steps,
+        recalibrate_bn=recalibrate_bn,
         ssl=ssl, threshold=threshold, cutmix=cutmix, unlabeled_ratio=unlabeled_ratio, ema=ema,
         mask_downsample=mask_downsample, mask_format=mask_format,
         seed=seed, device=device, workers=workers, log_every=log_every, checkpoint_every=checkpoint_every,

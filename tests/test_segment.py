@@ -483,3 +483,70 @@ def yaml_config(path):
     import yaml
 
     return yaml.safe_load(open(path))
+
+
+def test_a_frozen_encoder_is_left_exactly_as_given_then_joins_training(glands, tmp_path):
+    """--freeze-encoder-steps N: for N steps the decoder learns and the encoder's weights and
+    batch-norm statistics stay those of the export (a step that touched either would be a silent
+    fine-tune); from step N + 1 the encoder trains, on the CLI as in the library."""
+    from simclr_path.segment.train import build_segment_run
+
+    initial = _train(glands, tmp_path, tmp_path / "frozen", max_steps=3, ssl="fixmatch", freeze_encoder_steps=3)
+    # released after one step: two encoder steps (the export's residual branches end in zero-initialised
+    # batch-norm weights, so their convolutions get a gradient from the second encoder step on)
+    _train(glands, tmp_path, tmp_path / "joined", max_steps=3, ssl="none", freeze_encoder_steps=1)
+    cfg = yaml_config(tmp_path / "frozen" / "config.yaml")
+    cfg.update(freeze_encoder_steps=0, ssl="none")
+    _, _, _, store = glands
+    initial = build_segment_run([str(store)], str(tmp_path / "labels-img0-img1" / "labels"), str(tmp_path / "fresh"),
+                                SegmentConfig(**cfg)).model.state_dict()
+    frozen = torch.load(tmp_path / "frozen" / "checkpoint.pt", weights_only=True)
+    joined = torch.load(tmp_path / "joined" / "checkpoint.pt", weights_only=True)["model"]
+    encoder = [k for k in initial if k.startswith("encoder.")]
+    assert len(encoder) > 50
+    for key in encoder:
+        assert torch.equal(frozen["model"][key], initial[key]), key
+        assert torch.allclose(frozen["teacher"][key].float(), initial[key].float(), atol=1e-6), key  # EMA of equals
+    decoder = [k for k in initial if k.startswith("decoder.") and k.endswith("weight")]
+    assert all(not torch.equal(frozen["model"][k], initial[k]) for k in decoder)  # the decoder did learn
+    weights = [k for k in encoder if k.endswith("weight")]
+    assert [k for k in weights if torch.equal(joined[k], initial[k])] == []  # released: every weight moved
+    _, _, masks, store = glands
+    labels = labels_folder(tmp_path / "cli-labels", masks, ["img0"])
+    assert_error(run_cli("segment", tmp_path / "enc.pt", store, "--labels", labels, "--out", tmp_path / "cli",
+                         "--freeze-encoder-steps", "-1", "-q"), "--freeze-encoder-steps must be >= 0")
+    run = one_json(run_cli("segment", tmp_path / "enc.pt", store, "--labels", labels, "--out", tmp_path / "cli",
+                           "--freeze-encoder-steps", "5", "--recalibrate-bn", "--max-steps", "1", "--workers", "0",
+                           "--image-size", "32", "-q"))
+    assert run["step"] == 1
+    saved = yaml_config(tmp_path / "cli" / "config.yaml")
+    assert saved["freeze_encoder_steps"] == 5 and saved["recalibrate_bn"] is True
+
+
+def test_recalibrated_batch_norm_holds_the_statistics_of_the_stores_patches(glands, tmp_path):
+    """--recalibrate-bn: the encoder's first batch norm holds the mean and variance of its input
+    over the store's patches as inference feeds them - not the statistics the export brought, and
+    with no weight changed."""
+    from simclr_path.segment.config import SegmentConfig
+    from simclr_path.segment.train import build_segment_run
+
+    _, _, masks, store_path = glands
+    encoder = export_random_encoder(tmp_path / "enc.pt", input_mpp=1.0)
+    labels = labels_folder(tmp_path, masks, ["img0"])
+    cfg = dict(encoder=str(encoder), image_size=32, workers=0, device="cpu")
+    plain = build_segment_run([str(store_path)], str(labels), str(tmp_path / "a"), SegmentConfig(**cfg))
+    run = build_segment_run([str(store_path)], str(labels), str(tmp_path / "b"),
+                            SegmentConfig(**cfg, recalibrate_bn=True))
+    store = PatchStore(str(store_path))
+    assert len(store) <= 64  # one batch: the running statistics are that batch's exactly
+    images = torch.from_numpy(np.stack([run.spec.resize(store[i]) for i in range(len(store))]))
+    conv, bn = run.model.encoder.model.conv1[:2]  # resnet10t's stem: the first convolution and its batch norm
+    with torch.no_grad():
+        first = conv(run.spec.to_model(images, "cpu", layout="NHWC")).double()
+    mean, var = first.mean((0, 2, 3)), first.var((0, 2, 3), unbiased=True)
+    assert torch.allclose(bn.running_mean.double(), mean, atol=1e-4)
+    assert torch.allclose(bn.running_var.double(), var, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(plain.model.encoder.model.conv1[1].running_var, bn.running_var, rtol=0.05)
+    for (key, a), b in zip(plain.model.state_dict().items(), run.model.state_dict().values()):
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(a, b), key

@@ -15,13 +15,13 @@ RANDOM_INIT_PREFIX = "timm:"
 #: Settings that define the run; a resume with any of them changed is refused.
 FIXED_ON_RESUME = ("encoder", "classes", "image_size", "batch", "ssl", "unlabeled_ratio", "threshold", "ema",
                    "rampup", "cutmix", "epochs", "steps", "lr", "encoder_lr_scale", "weight_decay", "seed",
-                   "warmup_steps", "mask_downsample", "mask_format")
+                   "warmup_steps", "mask_downsample", "mask_format", "freeze_encoder_steps", "recalibrate_bn")
 
 #: Settings that shape only FixMatch training: a supervised-only run (``ssl: none``) ignores them.
 FIXMATCH_ONLY = ("threshold", "rampup", "cutmix", "unlabeled_ratio", "ema")
 
 #: Settings added after the first release, as runs saved before them trained (no CutMix).
-PREDATED = {"cutmix": 0.0, "mask_format": "index"}
+PREDATED = {"cutmix": 0.0, "mask_format": "index", "freeze_encoder_steps": 0, "recalibrate_bn": False}
 
 #: Default schedule lengths in passes over the labelled patches. FixMatch needs the longer one: its
 #: EMA teacher is confident on few pixels early on (bench/active_learning.py, GlaS, 5% labelled,
@@ -49,6 +49,10 @@ class SegmentConfig:
             encoder_lr_scale`` (default 0.1: pretrained weights are adapted gently; 1.0 for random init).
         weight_decay: AdamW weight decay (default 1e-4).
         warmup_steps: linear warm-up before cosine decay (default: 5% of the steps, at most 100).
+        freeze_encoder_steps: the first N steps train the decoder only; the encoder's weights and
+            batch-norm statistics stay as given (default 0) - :mod:`simclr_path.segment.finetune`.
+        recalibrate_bn: before the first step, re-estimate the encoder's batch-norm running
+            statistics on the stores' patches as inference sees them (default False).
         ssl: ``none`` (supervised on labelled pixels only) or ``fixmatch``.
         threshold: FixMatch confidence above which a teacher's pixel becomes a pseudo-label (0.95).
         rampup: fraction of the schedule over which the unsupervised loss weight rises linearly
@@ -74,6 +78,8 @@ class SegmentConfig:
     encoder_lr_scale: float | None = None
     weight_decay: float = 1e-4
     warmup_steps: int | None = None
+    freeze_encoder_steps: int = 0
+    recalibrate_bn: bool = False
     ssl: str = "none"
     threshold: float = 0.95
     rampup: float = 0.2
@@ -98,6 +104,7 @@ class SegmentConfig:
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.encoder_lr_scale is None or self.encoder_lr_scale >= 0,
              f"--encoder-lr-scale must be >= 0, got {self.encoder_lr_scale}"),
+            (self.freeze_encoder_steps >= 0, f"--freeze-encoder-steps must be >= 0, got {self.freeze_encoder_steps}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.ssl in ("none", "fixmatch"), f"--ssl must be none or fixmatch, got {self.ssl!r}"),
             (0 < self.threshold < 1, f"--threshold is a probability in (0, 1), got {self.threshold}"),

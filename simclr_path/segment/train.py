@@ -50,6 +50,7 @@ from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, rea
 from simclr_path.segment.config import (FIXED_ON_RESUME, FIXMATCH_ONLY, RANDOM_INIT_PREFIX, SegmentConfig,
                                         default_epochs, save_segment_config)
 from simclr_path.segment.data import SegmentationSamples, StepBatches, collate, cutmix_boxes, paste_neighbours
+from simclr_path.segment.finetune import recalibrate_encoder_bn, set_encoder_frozen
 from simclr_path.segment.labels import IGNORE, LabelSet, load_labels
 from simclr_path.segment.model import build_unet, check_image_size, matched_image_size, unet_from_encoder
 from simclr_path.store import PatchStore
@@ -162,10 +163,6 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
         else:
             model, _ = unet_from_encoder(cfg.encoder, len(cfg.classes))
     model = model.to(device).to(memory_format=torch.channels_last)
-    teacher = None
-    if cfg.ssl == "fixmatch":
-        teacher = copy.deepcopy(model).eval()
-        teacher.requires_grad_(False)
     saved = saved_checkpoint(out)
     if cfg.epochs is None:  # not given: as the run being resumed began (older runs: 30), else the default
         cfg.epochs = (saved and SegmentConfig.from_dict(saved["config"]).epochs) or default_epochs(cfg.ssl)
@@ -200,6 +197,13 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
         "unlabelled_patches": int(len(unlabelled)),
         "data_key": data_key(store, labels),
     }
+    if cfg.recalibrate_bn and saved is None:  # a resumed run's checkpoint holds the statistics it trained with
+        count = recalibrate_encoder_bn(model, store, InputSpec.from_meta(meta), device, cfg.seed)
+        log(f"encoder batch-norm statistics re-estimated on {count} patches of the stores")
+    teacher = None
+    if cfg.ssl == "fixmatch":
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
     return SegmentRun(cfg=cfg, out=out, store=store, labels=labels, labelled=labelled, unlabelled=unlabelled,
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
                       device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device),
@@ -265,6 +269,8 @@ def train_step(run: SegmentRun, batch) -> dict:
     cfg, device = run.cfg, run.device
     masks = masks.to(device, non_blocking=True).long()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=run.bf16)
+    if cfg.freeze_encoder_steps:
+        set_encoder_frozen(run.model, run.step < cfg.freeze_encoder_steps)
     x = model_input(images, run)
     pseudo = confident = None
     if weak is not None:
