@@ -34,7 +34,10 @@ and each arm's steps and wall time. The random-init arm does not depend on the b
 ``--ours-set KEY=VALUE`` (repeatable) fine-tunes our encoder's arm with other ``segment`` settings
 (``SegmentConfig`` fields, e.g. ``encoder_lr_scale=1.0``; ``segment`` gives a pretrained encoder 0.1x
 the decoder's lr by default), against the same random-init runs: a lever measured over the same
-seeds and labels, as its own table.
+seeds and labels, as its own table. ``--pretrain-data all`` pretrains on all 165 GlaS images' patches
+(the 80 test images unlabelled, as a lab pretrains on every slide it holds) and ``--pretrain-overlap PX``
+on overlapping patches (more per image): a data lever, each its own cached encoder and table, on the
+same labels (chosen with an encoder of the default data).
 
 Dice is the gland class's pixel Dice, the mean over test images (``mean_per_image``) and pooled
 over all test pixels (``overall``). Training runs compared with each other have the same budget:
@@ -48,6 +51,7 @@ Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--
        [--quick]   # a smoke run: two fractions, 10 steps, 2 test images
        python bench/active_learning.py --compare-init [--fractions 5 10 100] [--seeds 0 1 2]
        [--pretrain-steps 874 3496] [--steps 400] [--ours-set encoder_lr_scale=1.0] [--quick]
+       [--pretrain-data all] [--pretrain-overlap 32]
 Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png
 (--compare-init: one table per budget; WORK/compare_init.json).
 """
@@ -85,6 +89,7 @@ GLAS = ROOT.parent / "shared" / "data" / "segmentation" / "glas"
 GLAS_MPP = 0.62
 CLASSES = ["background", "gland"]
 SIMCLR_PATH = [sys.executable, "-m", "simclr_path"]
+DEFAULT_DATA = "the 85 training images' patches"  # what --compare-init pretrains on by default
 PRETRAIN_BATCH = 128  # --compare-init's pretraining batch, as bench/quality.py's 15-minute budget
 RANDOM_INIT = "timm:resnet18"
 
@@ -239,31 +244,63 @@ def active_learning(work: Path, data: dict, enc: Path, strategy: str, args, tota
     return rows
 
 
-def budget_encoder(work: Path, data: dict, steps: int, args) -> tuple[Path, dict] | None:
+def budget_encoder(work: Path, data: dict, steps: int, args, variant: bool = True) -> tuple[Path, dict] | None:
     """Our ``small`` encoder pretrained for about ``steps`` optimiser steps (whole epochs of the store,
     so the cosine schedule ends where training does), exported; cached in ``work`` by its settings
     with a record of the steps trained and the wall time of the pretraining (``pretrain`` resumes a
     run folder that an interrupted benchmark left, and then times only its last part)."""
-    store = PatchStore(str(data["store"]))
-    per_epoch = len(store) // PRETRAIN_BATCH
+    source, suffix, described = pretrain_store(work, data, args) if variant else (data["store"], "", DEFAULT_DATA)
+    store = PatchStore(str(source))
+    patches = len(store)
+    per_epoch = patches // PRETRAIN_BATCH
     store.close()
     epochs = max(1, round(steps / per_epoch))
-    tag = f"small-b{PRETRAIN_BATCH}-e{epochs}-{epochs * per_epoch}steps"
+    tag = f"small-b{PRETRAIN_BATCH}-e{epochs}-{epochs * per_epoch}steps{suffix}"
     path, record_path, run = work / f"encoder-{tag}.pt", work / f"encoder-{tag}.json", work / f"pretrain-{tag}"
     if not record_path.exists() and args.cached_only:
         return None
     if not record_path.exists():
         log(f"pretraining our encoder: {epochs} epochs of {per_epoch} steps ({tag})")
         started = time.perf_counter()
-        summary = tool(["pretrain", str(data["store"]), "--out", str(run), "--config", "small", "--image-size",
+        summary = tool(["pretrain", str(source), "--out", str(run), "--config", "small", "--image-size",
                         str(args.patch_size), "--batch", str(PRETRAIN_BATCH), "--epochs", str(epochs), "-q"],
                        "pretrain")
         tool(["export", str(run), str(path)], "export")
         record = {"tag": tag, "steps": summary["step"], "epochs": epochs, "batch": PRETRAIN_BATCH,
-                  "pretrain_s": round(time.perf_counter() - started)}
+                  "pretrain_s": round(time.perf_counter() - started), "data": described, "patches": patches}
         record_path.write_text(json.dumps(record))
         log(f"pretrained {record['steps']} steps in {record['pretrain_s']} s")
     return path, json.loads(record_path.read_text())
+
+
+def pretrain_store(work: Path, data: dict, args) -> tuple[Path, str, str]:
+    """``(store, tag suffix, description)`` of the patches ``--compare-init`` pretrains on: the 85
+    training images' segmentation store by default; with ``--pretrain-data all`` all 165 GlaS images
+    (the test images unlabelled: a lab pretrains on every slide it has, including those it will
+    segment), with ``--pretrain-overlap`` overlapping patches (more patches per image). Tiled at the
+    segmentation resolution and patch size; cached in ``work``."""
+    if args.pretrain_data == "train" and not args.pretrain_overlap:
+        return data["store"], "", DEFAULT_DATA
+    names = sorted(p.stem for p in (GLAS / "images").glob("train_*.jpg" if args.pretrain_data == "train" else "*.jpg"))
+    suffix = f"-{args.pretrain_data}{len(names)}" + (f"-o{args.pretrain_overlap}" if args.pretrain_overlap else "")
+    store = work / f"pretrain{suffix}.h5"
+    if not store.exists():
+        log(f"tiling {len(names)} images for pretraining -> {store}")
+        listing = work / f"pretrain{suffix}.txt"
+        listing.write_text("".join(f"{GLAS / 'images' / n}.jpg\n" for n in names))
+        partial = work / f"pretrain{suffix}.partial.h5"
+        partial.unlink(missing_ok=True)
+        proc = subprocess.run(SIMCLR_PATH + ["tile", "-", "--out", str(partial), "--slide-mpp", str(GLAS_MPP), "--mpp",
+                                             str(args.mpp), "--patch-size", str(args.patch_size), "--overlap",
+                                             str(args.pretrain_overlap), "--min-tissue", "0", "-q"],
+                              stdin=open(listing), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        os.replace(partial, store)
+    what = "all 165 GlaS images' patches (test images unlabelled)" if args.pretrain_data == "all" else DEFAULT_DATA
+    if args.pretrain_overlap:
+        what += f", overlapping by {args.pretrain_overlap} px"
+    return store, suffix, what
 
 
 def kcenter_labels(work: Path, data: dict, enc: Path, tag: str, fraction: float, total_regions: int,
@@ -296,7 +333,9 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
     budgets = [b for b in budgets if b is not None]  # --cached-only: the budgets pretrained so far
     if not budgets:
         return []
-    labeller = budget_encoder(work, data, args.labels_from_steps, args) if args.labels_from_steps else budgets[0]
+    # the labels never depend on --pretrain-data: chosen with an encoder of the default data
+    labeller = budget_encoder(work, data, args.labels_from_steps, args, variant=False) if args.labels_from_steps \
+        else budgets[0]
     if labeller is None:  # --cached-only, that encoder not pretrained
         return []
     label_tag = labeller[1]["tag"]
@@ -363,7 +402,7 @@ def print_compare(rows: list[dict], args) -> None:
         record_row = next(iter(ours.values()))
         record = record_row["pretrain"]
         print(f"\nOur encoder: small, {record['steps']} pretraining steps at batch {record['batch']} "
-              f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of the 85 training images' patches), pretrained in {record['pretrain_s']} s "
+              f"({record['epochs']} epoch{'s' if record['epochs'] > 1 else ''} of {record.get('data', DEFAULT_DATA)}), pretrained in {record['pretrain_s']} s "
               f"wall; random init: timm resnet18. Both at {rows[0]['image_size']} px inputs. Labels: k-center on the {record_row.get('labels_from', tags[0])} encoder's features, "
               f"the same for both arms. Gland pixel Dice, GlaS testA+B, mean over images."
               + (f" Ours fine-tuned with {', '.join(f'{k}={v}' for k, v in json.loads(settings).items())} "
@@ -419,6 +458,11 @@ def main() -> None:
                         help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
                              "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
+    parser.add_argument("--pretrain-data", choices=["train", "all"], default="train",
+                        help="--compare-init: pretrain on the 85 training images (default) or all 165 GlaS images, "
+                             "the test images unlabelled (the labels and scores are unchanged)")
+    parser.add_argument("--pretrain-overlap", type=int, default=0,
+                        help="--compare-init: pretraining patches overlap by this many px (more patches per image)")
     parser.add_argument("--labels-from-steps", type=int, default=None,
                         help="--compare-init: choose the k-center labels with this budget's encoder (default: the first "
                              "of --pretrain-steps), e.g. to add a budget or a variant on the labels of earlier runs")
