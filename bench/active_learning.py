@@ -334,8 +334,7 @@ def compare_init(work: Path, data: dict, args, total_regions: int) -> list[dict]
     if not budgets:
         return []
     # the labels never depend on --pretrain-data: chosen with an encoder of the default data
-    labeller = budget_encoder(work, data, args.labels_from_steps, args, variant=False) if args.labels_from_steps \
-        else budgets[0]
+    labeller = budget_encoder(work, data, args.labels_from_steps or args.pretrain_steps[0], args, variant=False)
     if labeller is None:  # --cached-only, that encoder not pretrained
         return []
     label_tag = labeller[1]["tag"]
@@ -465,7 +464,8 @@ def main() -> None:
                         help="--compare-init: pretraining patches overlap by this many px (more patches per image)")
     parser.add_argument("--labels-from-steps", type=int, default=None,
                         help="--compare-init: choose the k-center labels with this budget's encoder (default: the first "
-                             "of --pretrain-steps), e.g. to add a budget or a variant on the labels of earlier runs")
+                             "of --pretrain-steps; always pretrained on the default data), e.g. to add a budget or a "
+                             "variant on the labels of earlier runs")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="--compare-init: a segment setting for our encoder's arm only (SegmentConfig field, "
                              "e.g. encoder_lr_scale=1.0); the arm's runs are named by it, so each variant is its own table")

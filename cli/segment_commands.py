@@ -45,8 +45,9 @@ Examples:
 @click.option("--freeze-encoder-steps", type=int, default=0, show_default=True,
               help="Train the decoder alone for the first N steps (encoder weights and batch norm as given).")
 @click.option("--recalibrate-bn", is_flag=True,
-              help="Before training, re-estimate the encoder's batch-norm statistics on the stores' patches "
-                   "(pretraining recorded them on augmented views).")
+              help="Re-estimate the encoder's batch-norm statistics on the stores' patches before training "
+                   "and hold them through it (pretraining recorded them on augmented views; a small batch's "
+                   "own statistics are noisy).")
 @click.option("--image-size", type=int, default=None,
               help="Network input side, a multiple of 32 [default: matched to the encoder's pretraining um/px].")
 @click.option("--mask-downsample", type=float, default=None, help="Level-0 px per mask px [default: from the mask size].")

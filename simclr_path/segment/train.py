@@ -50,7 +50,7 @@ from simclr_path.segment.checkpoint import SEGMENT_CHECKPOINT, SEGMENT_KIND, rea
 from simclr_path.segment.config import (FIXED_ON_RESUME, FIXMATCH_ONLY, RANDOM_INIT_PREFIX, SegmentConfig,
                                         default_epochs, save_segment_config)
 from simclr_path.segment.data import SegmentationSamples, StepBatches, collate, cutmix_boxes, paste_neighbours
-from simclr_path.segment.finetune import recalibrate_encoder_bn, set_encoder_frozen
+from simclr_path.segment.finetune import recalibrate_encoder_bn, set_encoder_mode
 from simclr_path.segment.labels import IGNORE, LabelSet, load_labels
 from simclr_path.segment.model import build_unet, check_image_size, matched_image_size, unet_from_encoder
 from simclr_path.store import PatchStore
@@ -199,7 +199,7 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     }
     if cfg.recalibrate_bn and saved is None:  # a resumed run's checkpoint holds the statistics it trained with
         count = recalibrate_encoder_bn(model, store, InputSpec.from_meta(meta), device, cfg.seed)
-        log(f"encoder batch-norm statistics re-estimated on {count} patches of the stores")
+        log(f"encoder batch-norm statistics re-estimated on {count} patches of the stores, held for the run")
     teacher = None
     if cfg.ssl == "fixmatch":
         teacher = copy.deepcopy(model).eval()
@@ -269,8 +269,8 @@ def train_step(run: SegmentRun, batch) -> dict:
     cfg, device = run.cfg, run.device
     masks = masks.to(device, non_blocking=True).long()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=run.bf16)
-    if cfg.freeze_encoder_steps:
-        set_encoder_frozen(run.model, run.step < cfg.freeze_encoder_steps)
+    if cfg.freeze_encoder_steps or cfg.recalibrate_bn:
+        set_encoder_mode(run.model, run.step < cfg.freeze_encoder_steps, hold_bn=cfg.recalibrate_bn)
     x = model_input(images, run)
     pseudo = confident = None
     if weak is not None:
