@@ -53,7 +53,8 @@ class SegmentConfig:
             batch-norm statistics stay as given (default 0) - :mod:`simclr_path.segment.finetune`.
         recalibrate_bn: before the first step, re-estimate the encoder's batch-norm running
             statistics on the stores' patches as inference sees them, and hold them for the whole
-            run (the encoder's batch norm in eval mode; its scale and shift still learn) (default False).
+            run (the encoder's batch norm in eval mode; its scale and shift learn once the encoder
+            trains) (default False).
         ssl: ``none`` (supervised on labelled pixels only) or ``fixmatch``.
         threshold: FixMatch confidence above which a teacher's pixel becomes a pseudo-label (0.95).
         rampup: fraction of the schedule over which the unsupervised loss weight rises linearly

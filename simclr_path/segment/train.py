@@ -7,7 +7,8 @@ predicts the weak view of each unlabelled patch; where its softmax probability r
 (same geometry, photometric changes, and with ``cutmix`` a rectangle pasted from another
 unlabelled patch, its pseudo-labels moved with it) must match it. The strong views go through the
 student in a pass of their own whose batch norm leaves the running statistics alone, so the
-statistics inference uses are those of real images. The unsupervised loss is averaged over all
+statistics inference uses are those of real images (batch norm layers in eval mode - a frozen or
+held encoder's - normalise with their running statistics in that pass too). The unsupervised loss is averaged over all
 unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to 1 over the first
 ``rampup`` of the schedule (the teacher starts as an untrained decoder). Inference uses the teacher.
 
@@ -317,8 +318,9 @@ def train_step(run: SegmentRun, batch) -> dict:
 
 @contextlib.contextmanager
 def running_stats_frozen(model: torch.nn.Module):
-    """Batch norm layers still normalise with the batch's own statistics but leave their running
-    statistics (and their batch count) - what the teacher and inference normalise with - alone.
+    """Batch norm layers in training mode still normalise with the batch's own statistics but leave
+    their running statistics (and their batch count) - what the teacher and inference normalise
+    with - alone. Layers in eval mode (a frozen or held encoder's) go on using their running statistics.
 
     FixMatch's strong views (stain, colour, grayscale, CutMix) are not the images the network will
     be shown; mixed into the running statistics they shifted every prediction the teacher made.
