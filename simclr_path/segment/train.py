@@ -8,9 +8,10 @@ predicts the weak view of each unlabelled patch; where its softmax probability r
 unlabelled patch, its pseudo-labels moved with it) must match it. The strong views go through the
 student in a pass of their own whose batch norm leaves the running statistics alone, so the
 statistics inference uses are those of real images (batch norm layers in eval mode - a frozen or
-held encoder's - normalise with their running statistics in that pass too). The unsupervised loss is averaged over all
-unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0 to 1 over the first
-``rampup`` of the schedule (the teacher starts as an untrained decoder). Inference uses the teacher.
+held encoder's - normalise with their running statistics in that pass too). The unsupervised loss
+is averaged over all unlabelled pixels, so unconfident pixels add nothing; its weight ramps from 0
+to 1 over the first ``rampup`` of the schedule (the teacher starts as an untrained decoder).
+Inference uses the teacher.
 
 Run conventions follow ``pretrain``: ``config.yaml``, ``metrics.jsonl``, ``curves.png`` and an
 atomic ``checkpoint.pt`` in the run folder; the same command resumes exactly (batches are a
