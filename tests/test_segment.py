@@ -521,6 +521,17 @@ def test_a_frozen_encoder_is_left_exactly_as_given_then_joins_training(glands, t
     assert run["step"] == 1
     saved = yaml_config(tmp_path / "cli" / "config.yaml")
     assert saved["freeze_encoder_steps"] == 5 and saved["recalibrate_bn"] is True
+    # a freeze as long as the schedule is a decoder-only fit: allowed, and said; on a random encoder, warned
+    whole = run_cli("segment", tmp_path / "enc.pt", store, "--labels", labels, "--out", tmp_path / "whole",
+                    "--freeze-encoder-steps", "2", "--steps", "2", "--workers", "0", "--image-size", "32", "-q")
+    assert one_json(whole)["step"] == 2 and "spans the whole 2-step schedule" in whole.stderr
+    frozen_random = run_cli("segment", "timm:resnet18", store, "--labels", labels, "--out", tmp_path / "random",
+                            "--freeze-encoder-steps", "1", "--max-steps", "1", "--workers", "0", "--image-size", "32",
+                            "-q")
+    assert one_json(frozen_random)["step"] == 1 and "warning: timm:resnet18 is a random-init encoder" in frozen_random.stderr
+    plain = run_cli("segment", tmp_path / "enc.pt", store, "--labels", labels, "--out", tmp_path / "plain",
+                    "--max-steps", "1", "--workers", "0", "--image-size", "32", "-q")
+    assert one_json(plain)["step"] == 1 and "encoder stays" not in plain.stderr and "warning" not in plain.stderr
 
 
 def test_recalibrated_batch_norm_holds_the_statistics_of_the_stores_patches(glands, tmp_path):

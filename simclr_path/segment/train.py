@@ -173,6 +173,12 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     total = min(schedule, cfg.max_steps) if cfg.max_steps is not None else schedule
     if cfg.warmup_steps is None:
         cfg.warmup_steps = min(100, int(0.05 * schedule))
+    if cfg.freeze_encoder_steps >= schedule:
+        log(f"--freeze-encoder-steps {cfg.freeze_encoder_steps} spans the whole {schedule}-step schedule: "
+            "the encoder stays as given and only the decoder trains")
+    if cfg.random_init and (cfg.freeze_encoder_steps or cfg.recalibrate_bn):
+        log(f"warning: {cfg.encoder} is a random-init encoder: --freeze-encoder-steps holds random weights and "
+            "--recalibrate-bn the statistics of random features; they are meant for a pretrained encoder")
     encoder_params = list(model.encoder.parameters())
     encoder_ids = {id(p) for p in encoder_params}
     optimizer = torch.optim.AdamW([
