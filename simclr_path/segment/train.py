@@ -173,12 +173,8 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
     total = min(schedule, cfg.max_steps) if cfg.max_steps is not None else schedule
     if cfg.warmup_steps is None:
         cfg.warmup_steps = min(100, int(0.05 * schedule))
-    if cfg.freeze_encoder_steps >= schedule:
-        log(f"--freeze-encoder-steps {cfg.freeze_encoder_steps} spans the whole {schedule}-step schedule: "
-            "the encoder stays as given and only the decoder trains")
-    if cfg.random_init and (cfg.freeze_encoder_steps or cfg.recalibrate_bn):
-        log(f"warning: {cfg.encoder} is a random-init encoder: --freeze-encoder-steps holds random weights and "
-            "--recalibrate-bn the statistics of random features; they are meant for a pretrained encoder")
+    if saved is None:  # said once, when the run begins (its settings are fixed on resume)
+        note_encoder_settings(cfg, schedule)
     encoder_params = list(model.encoder.parameters())
     encoder_ids = {id(p) for p in encoder_params}
     optimizer = torch.optim.AdamW([
@@ -216,6 +212,21 @@ def build_segment_run(stores: list[str], labels_dir: str, out: str, cfg: Segment
                       meta=meta, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
                       device=device, total_steps=total, schedule_steps=schedule, bf16=native_bf16(device),
                       resume_from=saved)
+
+
+def note_encoder_settings(cfg: SegmentConfig, schedule: int) -> None:
+    """Say on stderr what the encoder settings amount to where that is not what their names suggest:
+    a freeze as long as the schedule (a decoder-only fit) and a random encoder frozen or recalibrated."""
+    if cfg.freeze_encoder_steps >= schedule:
+        kept = "its batch-norm statistics re-estimated, " if cfg.recalibrate_bn else ""
+        log(f"--freeze-encoder-steps {cfg.freeze_encoder_steps} spans the whole {schedule}-step schedule: the "
+            f"encoder's weights stay as given ({kept}only the decoder trains)")
+    flags = [flag for flag, on in (("--freeze-encoder-steps", cfg.freeze_encoder_steps),
+                                   ("--recalibrate-bn", cfg.recalibrate_bn)) if on]
+    if cfg.random_init and flags:
+        log(f"warning: {cfg.encoder} is a random-init encoder and {' / '.join(flags)} is meant for a pretrained "
+            "one (it holds random weights or the statistics of random features); drop it, or give an exported "
+            "encoder file")
 
 
 def saved_checkpoint(out: str) -> dict | None:
