@@ -50,7 +50,7 @@ Usage: python bench/active_learning.py [--work bench/_work/al] [--steps 400] [--
        [--fractions 1 2 5 10 20]
        [--quick]   # a smoke run: two fractions, 10 steps, 2 test images
        python bench/active_learning.py --compare-init [--fractions 5 10 100] [--seeds 0 1 2]
-       [--pretrain-steps 874 3496] [--steps 400] [--ours-set encoder_lr_scale=1.0] [--quick]
+       [--pretrain-steps 870 1740] [--steps 400] [--ours-set encoder_lr_scale=1.0] [--quick]
        [--pretrain-data all] [--pretrain-overlap 32]
 Prints one table on stdout; writes WORK/active_learning.json and WORK/active_learning.png
 (--compare-init: one table per budget; WORK/compare_init.json).
@@ -453,9 +453,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compare-init", action="store_true",
                         help="ours against random init per pretraining budget (--pretrain-steps), fraction and seed")
-    parser.add_argument("--pretrain-steps", type=int, nargs="+", default=[874, 3496],
+    parser.add_argument("--pretrain-steps", type=int, nargs="+", default=[870, 1740],
                         help="--compare-init: pretraining budgets in optimiser steps at batch 128 (rounded to whole "
-                             "epochs); 874 is what small reaches in 15 minutes on an idle 2-core CPU")
+                             "epochs); 870 is what small reaches in about 15 minutes on an idle 2-core CPU that "
+                             "runs 56-67 steps a minute (35-40 on one that runs 22-30)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-init: segment seeds")
     parser.add_argument("--pretrain-data", choices=["train", "all"], default="train",
                         help="--compare-init: pretrain on the 85 training images (default) or all 165 GlaS images, "
